@@ -1,0 +1,33 @@
+"""CAI: AstroMAE redshift inference over partitioned galaxy images, as one DAG.
+
+dataset -> partitions -> inference per partition group -> catalogue -> accuracy,
+timing tables -> plots -> report. `snakemake --cores all` runs it locally on the
+defaults of config/config.yaml; profiles/ hold the cluster and cloud settings.
+"""
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "config/schema.yaml")
+
+
+report: "rules/captions/workflow.rst"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/partition.smk"
+include: "rules/inference.smk"
+include: "rules/aggregate.smk"
+include: "rules/plots.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        final_targets(),

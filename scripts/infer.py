@@ -1,0 +1,25 @@
+"""Snakemake script of rule `infer`: one inference job over its partitions."""
+
+from cai.engine import InferenceSettings, run_inference
+from cai.model import ModelConfig
+from cai.workflow import manifest_partitions, run_step
+
+model = snakemake.params.model
+run_step(
+    snakemake,
+    lambda: run_inference(
+        manifest_partitions(snakemake.input[0], snakemake.params.partitions),
+        snakemake.output.predictions,
+        snakemake.output.metrics,
+        InferenceSettings(
+            batch_size=int(snakemake.wildcards.batch),
+            device=snakemake.params.device,
+            threads=snakemake.threads,
+            backend=snakemake.wildcards.backend,
+            verify_checksum=snakemake.params.verify_checksum,
+        ),
+        ModelConfig(depth=model["depth"], num_heads=model["num_heads"]),
+        model["checkpoint"],
+        model["seed"],
+    ),
+)

@@ -1,0 +1,234 @@
+"""The ``cai`` command: every step of the workflow, runnable on its own.
+
+Each subcommand is what one Snakemake rule runs; ``cai <command> --help`` documents it.
+Errors caused by input (a bad file, key or value) print one line naming it and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from cai import __version__
+from cai.errors import CaiError
+
+_logger = logging.getLogger("cai")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--checkpoint",
+        help="safetensors or state_dict file (default: untrained seeded weights)",
+    )
+    group.add_argument(
+        "--depth", type=_positive_int, default=12, help="encoder blocks (default 12)"
+    )
+    group.add_argument(
+        "--num-heads", type=_positive_int, default=8, help="attention heads (default 8)"
+    )
+    group.add_argument(
+        "--seed", type=int, default=0, help="seed of untrained weights (default 0)"
+    )
+
+
+def cmd_simulate(args: argparse.Namespace) -> None:
+    from cai.sky import simulate
+
+    simulate(args.out, args.n, args.seed, args.first_object_id)
+
+
+def cmd_import_pt(args: argparse.Namespace) -> None:
+    from cai.importpt import import_pt
+
+    import_pt(args.files, args.out, args.first_object_id)
+
+
+def cmd_partition(args: argparse.Namespace) -> None:
+    from cai.partition import partition_dataset
+
+    try:
+        partition_dataset(args.source, args.out_dir, args.size_mb)
+    except ValueError as err:
+        raise CaiError(f"--size-mb {args.size_mb}: {err}") from None
+
+
+def cmd_infer(args: argparse.Namespace) -> None:
+    from cai.engine import InferenceSettings, PartitionRef, run_inference
+    from cai.model import ModelConfig
+    from cai.partition import read_manifest
+
+    manifest = read_manifest(args.manifest)
+    entries = {p["id"]: p for p in manifest["partitions"]}
+    wanted = args.partitions or list(entries)
+    unknown = [p for p in wanted if p not in entries]
+    if unknown:
+        raise CaiError(
+            f"--partitions: {', '.join(unknown)} not in {args.manifest} "
+            f"(it lists {len(entries)} partitions, {next(iter(entries), 'none')}...)"
+        )
+    settings = InferenceSettings(
+        batch_size=args.batch_size,
+        device=args.device,
+        threads=args.threads,
+        backend=args.backend,
+        verify_checksum=not args.no_verify,
+    )
+    run_inference(
+        [PartitionRef.from_manifest(entries[p]) for p in wanted],
+        args.predictions,
+        args.metrics,
+        settings,
+        ModelConfig(depth=args.depth, num_heads=args.num_heads),
+        args.checkpoint,
+        args.seed,
+    )
+
+
+def cmd_aggregate(args: argparse.Namespace) -> None:
+    from cai.aggregate import aggregate
+
+    aggregate(
+        args.predictions,
+        args.metrics,
+        args.manifest,
+        args.catalogue,
+        args.partition_table,
+        args.summary,
+    )
+
+
+def cmd_metrics(args: argparse.Namespace) -> None:
+    from cai.aggregate import read_summary
+    from cai.metrics import write_accuracy_table
+
+    weights = args.weights or read_summary(args.summary)["weights"]
+    table = write_accuracy_table(args.catalogue, args.out, weights)
+    print(table.to_string(index=False))
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from cai.convert import convert_checkpoint
+
+    convert_checkpoint(args.source, args.out, args.trust_pickle, args.num_heads)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cai",
+        description="Cloud-based Astronomy Inference: AstroMAE redshifts for galaxy images.",
+    )
+    parser.add_argument("--version", action="version", version=f"cai {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("simulate", help="make a synthetic SDSS-like galaxy file")
+    p.add_argument(
+        "--n", type=_positive_int, required=True, help="galaxies to simulate"
+    )
+    p.add_argument("--seed", type=int, default=42, help="seed (default 42)")
+    p.add_argument(
+        "--first-object-id", type=int, default=1, help="first object_id (default 1)"
+    )
+    p.add_argument("--out", required=True, help="output HDF5 galaxy file")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("import-pt", help="import the paper's TensorDataset .pt files")
+    p.add_argument("files", nargs="+", help=".pt files, in row order")
+    p.add_argument(
+        "--first-object-id", type=int, default=1, help="first object_id (default 1)"
+    )
+    p.add_argument("--out", required=True, help="output HDF5 galaxy file")
+    p.set_defaults(func=cmd_import_pt)
+
+    p = sub.add_parser(
+        "partition", help="split a galaxy file into partitions + manifest"
+    )
+    p.add_argument("source", help="HDF5 galaxy file")
+    p.add_argument("--size-mb", type=float, required=True, help="partition size in MiB")
+    p.add_argument(
+        "--out-dir",
+        required=True,
+        help="new folder for part-NNNNN.h5 and manifest.json",
+    )
+    p.set_defaults(func=cmd_partition)
+
+    p = sub.add_parser("infer", help="predict redshifts for partitions of a manifest")
+    p.add_argument(
+        "--manifest", required=True, help="manifest.json from 'cai partition'"
+    )
+    p.add_argument("--partitions", nargs="+", help="partition ids (default: all)")
+    p.add_argument("--predictions", required=True, help="output Parquet of predictions")
+    p.add_argument("--metrics", required=True, help="output JSON of timing records")
+    p.add_argument("--batch-size", type=_positive_int, default=512, help="default 512")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--threads", type=_positive_int, default=1, help="torch threads")
+    p.add_argument("--backend", default="local", help="label kept in every record")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("aggregate", help="join inference outputs into a catalogue")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--predictions", nargs="+", required=True, help="Parquet files")
+    p.add_argument(
+        "--metrics", nargs="+", required=True, help="metrics JSON files, same order"
+    )
+    p.add_argument("--catalogue", required=True, help="output Parquet catalogue")
+    p.add_argument(
+        "--partition-table", required=True, help="output TSV, one row a partition"
+    )
+    p.add_argument("--summary", required=True, help="output JSON run summary")
+    p.set_defaults(func=cmd_aggregate)
+
+    p = sub.add_parser("metrics", help="accuracy of a catalogue with true redshifts")
+    p.add_argument("catalogue", help="Parquet with z_pred and z_true")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--summary", help="run summary JSON that names the weights")
+    source.add_argument("--weights", help="what made the predictions, for the table")
+    p.add_argument("--out", required=True, help="output TSV (also printed)")
+    p.set_defaults(func=cmd_metrics)
+
+    p = sub.add_parser(
+        "convert-checkpoint",
+        help="convert the original pickled AstroMAE model to safetensors",
+        description="Unpickling runs code stored in the file: give --trust-pickle only "
+        "for a file whose origin you trust. Even then only the original model's "
+        "classes and torch's own are resolved.",
+    )
+    p.add_argument("source", help="the original torch.save(model) file")
+    p.add_argument("out", help="output .safetensors")
+    p.add_argument(
+        "--trust-pickle", action="store_true", help="I trust this file's origin"
+    )
+    p.add_argument(
+        "--num-heads", type=_positive_int, default=8, help="heads (default 8)"
+    )
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from cai.logs import setup_logging
+
+    setup_logging(level=logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        args.func(args)
+    except CaiError as err:
+        print(f"cai {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""The inference engine: partitions in, redshift predictions and timing records out.
+
+One call handles one job: the model is loaded once, then each partition is verified
+against its manifest checksum ("fetch"), read in batches (memory bounded by the batch,
+not the partition), predicted and written. Every partition gets a record with the
+fields the paper measures: fetch, model load, read, compute and write seconds, samples/s,
+bits/s (image + magnitude bits over inference time, inference = read + compute) and
+peak RSS.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from cai import __version__
+from cai.atomic import atomic_path, sha256_file, write_json
+from cai.errors import ChecksumError, ConfigError, DataFormatError
+from cai.formats import INPUT_BITS_PER_GALAXY, GalaxyFile, check_finite
+from cai.model import ModelConfig, create_model
+
+_logger = logging.getLogger(__name__)
+
+PREDICTION_SCHEMA = pa.schema(
+    [
+        ("object_id", pa.int64()),
+        ("z_pred", pa.float32()),
+        ("z_true", pa.float32()),
+        ("partition", pa.string()),
+    ]
+)
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class PartitionRef:
+    """A partition as the manifest lists it."""
+
+    id: str
+    path: str
+    rows: int
+    sha256: str | None = None
+
+    @classmethod
+    def from_manifest(cls, entry: dict[str, Any]) -> PartitionRef:
+        return cls(entry["id"], entry["path"], int(entry["rows"]), entry.get("sha256"))
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How to run the model.
+
+    Attributes:
+        batch_size: Galaxies per forward pass.
+        device: ``cpu`` or ``cuda``.
+        threads: Torch intra-op threads (the cores given to the job).
+        backend: Label of where this ran (``local``, ``slurm-cpu``, ...), kept in records.
+        verify_checksum: Check each partition's sha256 against the manifest first.
+    """
+
+    batch_size: int = 512
+    device: str = "cpu"
+    threads: int = 1
+    backend: str = "local"
+    verify_checksum: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"device is {self.device!r}; expected one of {DEVICES}")
+        if self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _predict_partition(
+    model: torch.nn.Module,
+    part: PartitionRef,
+    settings: InferenceSettings,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, float]]:
+    """Read and predict one partition batch by batch; return ids, z_pred, z_true, times."""
+    device = torch.device(settings.device)
+    times = {"read_s": 0.0, "compute_s": 0.0}
+    with GalaxyFile(part.path) as galaxies:
+        if len(galaxies) != part.rows:
+            raise DataFormatError(
+                f"{part.path}: holds {len(galaxies)} rows; the manifest says {part.rows}"
+            )
+        object_id = np.empty(part.rows, dtype=np.int64)
+        z_pred = np.empty(part.rows, dtype=np.float32)
+        z_true = np.empty(part.rows, dtype=np.float32)
+        start = 0
+        tick = time.perf_counter()
+        while start < part.rows:
+            batch = galaxies.read(start, start + settings.batch_size)
+            check_finite(batch, part.path, first_row=start)
+            stop = start + len(batch)
+            object_id[start:stop] = batch.object_id
+            z_true[start:stop] = batch.redshift
+            image = torch.from_numpy(batch.image).to(device, non_blocking=True)
+            magnitudes = torch.from_numpy(batch.magnitudes).to(
+                device, non_blocking=True
+            )
+            tock = time.perf_counter()
+            times["read_s"] += tock - tick
+            z_pred[start:stop] = model(image, magnitudes).float().cpu().numpy()
+            tick = time.perf_counter()
+            times["compute_s"] += tick - tock
+            start = stop
+    return object_id, z_pred, z_true, times
+
+
+def run_inference(
+    partitions: Sequence[PartitionRef],
+    predictions_path: str | os.PathLike,
+    metrics_path: str | os.PathLike,
+    settings: InferenceSettings,
+    model_config: ModelConfig | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Predict every partition; write a Parquet of predictions and a metrics JSON.
+
+    Both outputs appear only when every partition succeeded (atomic writes); a failure
+    names the partition and leaves no output behind.
+    """
+    job_started = time.time()
+    wall_started = time.perf_counter()
+    if settings.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "inference.device is 'cuda' but torch sees no CUDA device on "
+            f"{socket.gethostname()}; use device: cpu or run on a GPU node"
+        )
+    torch.set_num_threads(settings.threads)
+    tick = time.perf_counter()
+    model, weights = create_model(model_config, checkpoint, seed)
+    model = model.to(settings.device)
+    model_load_s = time.perf_counter() - tick
+    _logger.info(
+        "model: AstroMAE depth %d, %d heads, %s, loaded in %.2f s on %s (%d threads)",
+        model.config.depth,
+        model.config.num_heads,
+        weights,
+        model_load_s,
+        settings.device,
+        settings.threads,
+    )
+    host = socket.gethostname()
+    records = []
+    with (
+        atomic_path(predictions_path) as tmp,
+        pq.ParquetWriter(tmp, PREDICTION_SCHEMA) as out,
+    ):
+        for number, part in enumerate(partitions):
+            started = time.time()
+            tick = time.perf_counter()
+            if settings.verify_checksum and part.sha256:
+                actual = sha256_file(part.path)
+                if actual != part.sha256:
+                    raise ChecksumError(
+                        f"{part.path}: sha256 {actual} differs from the manifest's "
+                        f"{part.sha256}; the partition is corrupt or was rewritten: "
+                        "rerun the partition step"
+                    )
+            fetch_s = time.perf_counter() - tick
+            with torch.inference_mode():
+                object_id, z_pred, z_true, times = _predict_partition(
+                    model, part, settings
+                )
+            tick = time.perf_counter()
+            table = pa.table(
+                {
+                    "object_id": object_id,
+                    "z_pred": z_pred,
+                    "z_true": z_true,
+                    "partition": pa.array([part.id] * part.rows, pa.string()),
+                },
+                schema=PREDICTION_SCHEMA,
+            )
+            out.write_table(table)
+            write_s = time.perf_counter() - tick
+            inference_s = times["read_s"] + times["compute_s"]
+            record = {
+                "partition": part.id,
+                "rows": part.rows,
+                "backend": settings.backend,
+                "fetch_s": fetch_s,
+                "model_load_s": model_load_s if number == 0 else 0.0,
+                **times,
+                "write_s": write_s,
+                "inference_s": inference_s,
+                "wall_s": fetch_s
+                + inference_s
+                + write_s
+                + (model_load_s if number == 0 else 0.0),
+                "samples_per_s": part.rows / inference_s
+                if inference_s
+                else float("nan"),
+                "bits_per_s": part.rows * INPUT_BITS_PER_GALAXY / inference_s
+                if inference_s
+                else float("nan"),
+                "peak_rss_mb": peak_rss_mb(),
+                "batch_size": settings.batch_size,
+                "device": settings.device,
+                "threads": settings.threads,
+                "host": host,
+                "weights": weights,
+                "started_at": started,
+                "ended_at": time.time(),
+            }
+            records.append(record)
+            _logger.info(
+                "infer %s: %d galaxies, fetch %.2f s, read %.2f s, compute %.2f s, "
+                "write %.2f s, %.1f galaxies/s, %.3g bit/s, peak RSS %.0f MiB",
+                part.id,
+                part.rows,
+                fetch_s,
+                times["read_s"],
+                times["compute_s"],
+                write_s,
+                record["samples_per_s"],
+                record["bits_per_s"],
+                record["peak_rss_mb"],
+            )
+    metrics = {
+        "tool": f"cai {__version__}",
+        "job": {
+            "backend": settings.backend,
+            "host": host,
+            "device": settings.device,
+            "threads": settings.threads,
+            "batch_size": settings.batch_size,
+            "weights": weights,
+            "model_depth": model.config.depth,
+            "model_num_heads": model.config.num_heads,
+            "model_load_s": model_load_s,
+            "partitions": len(records),
+            "rows": sum(r["rows"] for r in records),
+            "started_at": job_started,
+            "ended_at": time.time(),
+            "wall_s": time.perf_counter() - wall_started,
+            "peak_rss_mb": peak_rss_mb(),
+            "predictions": Path(predictions_path).name,
+            "predictions_sha256": sha256_file(predictions_path),
+        },
+        "partitions": records,
+    }
+    write_json(metrics_path, metrics)
+    return metrics

@@ -1,0 +1,133 @@
+"""Figures of a run: predicted against true redshift, and per-partition timing.
+
+Every figure says which weights made the predictions, so a plot of an untrained model
+is never mistaken for a result.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pandas as pd
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+
+from cai.atomic import atomic_path
+
+_logger = logging.getLogger(__name__)
+
+DPI = 120
+DENSITY_BINS = 80
+TIME_PARTS = ("fetch_s", "model_load_s", "read_s", "compute_s", "write_s")
+
+
+def _save(fig: Figure, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format="png")
+
+
+def plot_redshift_density(
+    z_true: np.ndarray,
+    z_pred: np.ndarray,
+    weights: str,
+    metrics: dict[str, float],
+    path: str | os.PathLike,
+) -> None:
+    """2-D histogram of z_pred against z_true (log colour scale) with the y = x line."""
+    known = np.isfinite(z_true)
+    z_true, z_pred = z_true[known], z_pred[known]
+    fig = Figure(figsize=(5.5, 5))
+    ax = fig.subplots()
+    low = float(min(z_true.min(), z_pred.min(), 0.0))
+    high = float(max(z_true.max(), z_pred.max()))
+    edges = np.linspace(low, high, DENSITY_BINS + 1)
+    *_, image = ax.hist2d(
+        z_true, z_pred, bins=[edges, edges], norm=LogNorm(), cmap="viridis"
+    )
+    fig.colorbar(image, ax=ax, label="galaxies per bin")
+    ax.plot([low, high], [low, high], "r--", lw=1, label="z_pred = z_true")
+    ax.set_xlabel("true redshift z_true")
+    ax.set_ylabel("predicted redshift z_pred")
+    ax.set_title(f"AstroMAE, {weights}\n{len(z_true):,} galaxies")
+    ax.text(
+        0.03,
+        0.97,
+        f"NMAD {metrics['nmad']:.4f}\noutliers {metrics['outlier_fraction']:.1%}\n"
+        f"bias {metrics['bias']:+.4f}",
+        transform=ax.transAxes,
+        va="top",
+        fontsize=9,
+        bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"},
+    )
+    ax.legend(loc="lower right", fontsize=8)
+    _save(fig, path)
+
+
+def plot_partition_times(table: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Stacked bars of each partition's seconds: fetch, model load, read, compute, write."""
+    fig = Figure(figsize=(max(5.0, 0.35 * len(table) + 2), 4))
+    ax = fig.subplots()
+    bottom = np.zeros(len(table))
+    for part in TIME_PARTS:
+        values = table[part].to_numpy()
+        ax.bar(table["partition"], values, bottom=bottom, label=part.removesuffix("_s"))
+        bottom += values
+    ax.set_xlabel("partition")
+    ax.set_ylabel("seconds")
+    ax.set_title(
+        f"Time per partition ({table['backend'].iloc[0]}, batch {table['batch_size'].iloc[0]})"
+    )
+    ax.set_ylim(top=1.2 * bottom.max())  # room for the legend above the bars
+    ax.legend(fontsize=8, ncols=len(TIME_PARTS), loc="upper center")
+    ax.tick_params(axis="x", labelrotation=90, labelsize=7)
+    _save(fig, path)
+
+
+def plot_partition_throughput(table: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Each partition's samples/s over its inference time, with the mean."""
+    fig = Figure(figsize=(max(5.0, 0.35 * len(table) + 2), 4))
+    ax = fig.subplots()
+    rate = table["samples_per_s"].to_numpy()
+    ax.bar(table["partition"], rate, color="tab:green")
+    ax.axhline(rate.mean(), color="k", ls="--", lw=1, label=f"mean {rate.mean():.1f}/s")
+    ax.set_xlabel("partition")
+    ax.set_ylabel("galaxies per second (read + compute)")
+    ax.set_title(
+        f"Throughput per partition ({table['backend'].iloc[0]}, {table['device'].iloc[0]})"
+    )
+    ax.legend(fontsize=8)
+    ax.tick_params(axis="x", labelrotation=90, labelsize=7)
+    _save(fig, path)
+
+
+def plot_catalogue(
+    catalogue: str | os.PathLike, summary: str | os.PathLike, out: str | os.PathLike
+) -> None:
+    """The redshift density plot of a run's catalogue, titled with its weights."""
+    import pyarrow.parquet as pq
+
+    from cai.aggregate import read_summary
+    from cai.metrics import redshift_metrics
+
+    columns = pq.read_table(catalogue, columns=["z_pred", "z_true"])
+    z_pred = columns["z_pred"].to_numpy()
+    z_true = columns["z_true"].to_numpy()
+    weights = read_summary(summary)["weights"]
+    plot_redshift_density(
+        z_true, z_pred, weights, redshift_metrics(z_pred, z_true), out
+    )
+    _logger.info("plot: %d galaxies, %s -> %s", len(z_pred), weights, out)
+
+
+def plot_partition_table(
+    table: str | os.PathLike,
+    times_out: str | os.PathLike,
+    throughput_out: str | os.PathLike,
+) -> None:
+    """Both per-partition figures from a partition metrics TSV."""
+    frame = pd.read_csv(table, sep="\t", dtype={"partition": str})
+    plot_partition_times(frame, times_out)
+    plot_partition_throughput(frame, throughput_out)
+    _logger.info("plot: %d partitions -> %s, %s", len(frame), times_out, throughput_out)
