@@ -42,6 +42,7 @@ format: setup
 	$(BIN)/ruff check --fix $(LINT_PATHS)
 	$(BIN)/snakefmt Snakefile rules
 
+# Remove every output (results/ keeps only its .gitkeep) and Snakemake's metadata.
 clean:
-	rm -rf results/data results/partitions results/logs results/report.html .snakemake
-	find results -mindepth 1 -maxdepth 1 -type d -exec rm -rf {} +
+	rm -rf .snakemake
+	find results -mindepth 1 -maxdepth 1 ! -name .gitkeep -exec rm -rf {} +

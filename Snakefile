@@ -5,12 +5,16 @@ timing tables -> plots -> report. `snakemake --cores all` runs it locally on the
 defaults of config/config.yaml; profiles/ hold the cluster and cloud settings.
 """
 
+import os
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The documented defaults, wherever snakemake runs from; --configfile and --config
+# override keys of it.
+configfile: os.path.join(workflow.basedir, "config/config.yaml")
 
 
 validate(config, "config/schema.yaml")

@@ -6,6 +6,7 @@ A reader (or a Snakemake rerun) never sees a half-written file under its final n
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -24,9 +25,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
 
     On any exception the temporary file is removed and ``path`` is left untouched.
+    One writer per final path is assumed: temporaries of that path left by a killed
+    writer are removed first.
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
+    # A process killed while writing this file left its temporary behind: remove it.
+    for stale in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp_name = tempfile.mkstemp(
         prefix=f".{final.name}.", suffix=".tmp", dir=final.parent
     )

@@ -52,9 +52,18 @@ ALLOWED_GLOBALS = {
     ("torch", "int64"),
 }
 
+PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
+
 
 class _StandIn(nn.Module):
-    """A module restored from pickled state only; it has no forward pass."""
+    """A module restored from pickled state only; it has no forward pass.
+
+    It also stands in for small helper values of the original code (an enum member,
+    say), so it takes and ignores constructor arguments.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__()
 
     def forward(self, *args: Any) -> Any:  # pragma: no cover - never called
         raise RuntimeError(f"{type(self).__qualname__} is a stand-in without a forward")
@@ -70,6 +79,8 @@ class RestrictedUnpickler(pickle.Unpickler):
     _stand_ins: ClassVar[dict[tuple[str, str], type]] = {}
 
     def find_class(self, module: str, name: str) -> Any:
+        # torch.save writes pickle protocol 2, which spells some modules the Python 2 way.
+        module = PY2_MODULES.get(module, module)
         if (module, name) in ALLOWED_GLOBALS:
             return super().find_class(module, name)
         if module.startswith(ORIGINAL_MODULES) and name.isidentifier():

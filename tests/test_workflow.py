@@ -1,0 +1,241 @@
+"""The real Snakemake workflow on a tiny configuration, run as a user runs it."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from cai.formats import GalaxyFile
+from cai.model import ModelConfig, create_model
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = Path(sys.executable).with_name("snakemake")
+TINY = {
+    "data": {"synthetic": {"n_galaxies": 60, "seed": 7}},
+    "partition": {"size_mb": 0.5},  # 25 galaxies a partition: 25, 25, 10
+}
+RUN = Path("results/local/0.5MB-b512")
+JOB_IDS = ["00000", "00001", "00002"]
+
+pytestmark = pytest.mark.workflow
+
+
+def snakemake(
+    workdir: Path, *args: str, config: dict | None = None, timeout: int = 600
+):
+    """Run the repository's Snakefile in ``workdir`` with the tiny config (+ overrides)."""
+    config_path = workdir / "tiny.yaml"
+    merged = json.loads(json.dumps(TINY))
+    for key, value in (config or {}).items():
+        merged.setdefault(key, {}).update(value)
+    config_path.write_text(yaml.safe_dump(merged))
+    command = [
+        str(SNAKEMAKE),
+        "-s",
+        str(REPO / "Snakefile"),
+        "--configfile",
+        str(config_path),
+    ]
+    return subprocess.run(
+        [*command, "--cores", "2", *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One complete run of the tiny workflow, and its report."""
+    workdir = tmp_path_factory.mktemp("workflow")
+    check(snakemake(workdir))
+    check(snakemake(workdir, "--report", "results/report.html"))
+    return workdir
+
+
+def test_dry_run_lists_every_job_and_runs_none(tmp_path):
+    result = check(snakemake(tmp_path, "--dry-run"))
+    assert "infer                  3" in result.stdout
+    for rule in ("simulate", "partition", "aggregate", "accuracy", "plot_redshift"):
+        assert rule in result.stdout
+    assert not (tmp_path / "results").exists()
+
+
+def test_outputs_are_complete_and_consistent(finished_run):
+    run = finished_run / RUN
+    catalogue = pq.read_table(run / "catalogue.parquet").to_pandas()
+    assert len(catalogue) == 60
+    assert catalogue["object_id"].tolist() == list(range(1, 61))
+    with GalaxyFile(finished_run / "results/data/synthetic.h5") as galaxies:
+        batch = galaxies.read(0, 60)
+    np.testing.assert_array_equal(catalogue["z_true"], batch.redshift)
+
+    # The DAG's predictions are the model's, on the same inputs and weights.
+    model, _ = create_model(ModelConfig(depth=12, num_heads=8), seed=0)
+    with torch.inference_mode():
+        direct = model(
+            torch.from_numpy(batch.image), torch.from_numpy(batch.magnitudes)
+        )
+    np.testing.assert_allclose(
+        catalogue["z_pred"], direct.numpy(), rtol=1e-5, atol=1e-6
+    )
+
+    table = pd.read_csv(run / "partition_metrics.tsv", sep="\t")
+    assert table["partition"].tolist() == ["part-00000", "part-00001", "part-00002"]
+    assert table["rows"].tolist() == [25, 25, 10]
+    timing = [
+        "fetch_s",
+        "model_load_s",
+        "read_s",
+        "compute_s",
+        "write_s",
+        "samples_per_s",
+    ]
+    assert (table[timing] >= 0).all().all()
+    expected_bits = table["rows"] * 164_000 / table["inference_s"]
+    np.testing.assert_allclose(table["bits_per_s"], expected_bits, rtol=1e-5)
+
+    accuracy = pd.read_csv(run / "accuracy.tsv", sep="\t")
+    assert set(accuracy["metric"]) == {
+        "n",
+        "mae",
+        "mse",
+        "bias",
+        "nmad",
+        "outlier_fraction",
+        "r2",
+    }
+    assert (accuracy["weights"] == "untrained weights (seed 0)").all()
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rows"] == 60 and summary["partitions"] == 3
+    assert summary["throughput_bits_per_s"] == pytest.approx(
+        60 * 164_000 / summary["end_to_end_s"]
+    )
+
+    for name in ("redshift_density", "partition_times", "partition_throughput"):
+        assert (run / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (finished_run / "results/report.html").read_text()
+    assert "redshift_density.png" in report and "accuracy.tsv" in report
+    for log in ("simulate.log", "partition-0.5MB.log"):
+        assert "done in" in (finished_run / "results/logs" / log).read_text()
+
+
+def test_rerun_of_a_finished_run_does_nothing(finished_run):
+    result = check(snakemake(finished_run, "--dry-run"))
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def job_files(workdir: Path) -> dict[str, float]:
+    """mtime of every inference output of the tiny run, by file name."""
+    jobs = workdir / RUN / "jobs"
+    return (
+        {p.name: p.stat().st_mtime_ns for p in jobs.iterdir()} if jobs.exists() else {}
+    )
+
+
+def test_failing_partition_leaves_others_intact_and_rerun_redoes_only_it(tmp_path):
+    check(snakemake(tmp_path, "--until", "partition"))
+    part = tmp_path / "results/partitions/0.5MB/part-00001.h5"
+    good = part.read_bytes()
+    part.write_bytes(good[:1000] + bytes(100) + good[1100:])  # corrupt, same size
+
+    result = snakemake(tmp_path, "--keep-going")
+    assert result.returncode != 0
+    log = (tmp_path / "results/logs/local/0.5MB-b512/infer-job-00001.log").read_text()
+    assert "part-00001.h5" in log and "ChecksumError" in log
+    done = job_files(tmp_path)
+    assert sorted(done) == sorted(
+        f"job-{j}.{ext}" for j in ("00000", "00002") for ext in ("json", "parquet")
+    )
+    assert not (tmp_path / RUN / "catalogue.parquet").exists()
+
+    part.write_bytes(good)
+    check(snakemake(tmp_path))
+    after = job_files(tmp_path)
+    assert all(after[name] == stamp for name, stamp in done.items())
+    assert "job-00001.parquet" in after
+    assert len(pq.read_table(tmp_path / RUN / "catalogue.parquet")) == 60
+
+
+def test_killed_run_resumes_with_only_the_unfinished_partitions(tmp_path):
+    config_path = tmp_path / "tiny.yaml"
+    config_path.write_text(yaml.safe_dump(TINY))
+    command = [
+        str(SNAKEMAKE),
+        "-s",
+        str(REPO / "Snakefile"),
+        "--configfile",
+        str(config_path),
+        "--cores",
+        "1",
+    ]
+    process = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    # Kill once one job has finished and Snakemake has started the next one, so the
+    # finished job is recorded as complete and the next is cut off mid-way.
+    logs = tmp_path / "results/logs/local/0.5MB-b512"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (
+        any(name.endswith(".json") for name in job_files(tmp_path))
+        and len(list(logs.glob("infer-job-*.log"))) >= 2
+    ):
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGKILL)  # the whole run dies at once, mid-job
+    process.wait()
+    finished = {n: t for n, t in job_files(tmp_path).items() if not n.startswith(".")}
+    assert 0 < len(finished) < 2 * len(JOB_IDS)
+
+    check(snakemake(tmp_path, "--unlock"))
+    check(snakemake(tmp_path))
+    after = job_files(tmp_path)
+    assert all(after[name] == stamp for name, stamp in finished.items())
+    assert sorted(after) == sorted(
+        f"job-{j}.{e}" for j in JOB_IDS for e in ("json", "parquet")
+    )
+    assert len(pq.read_table(tmp_path / RUN / "catalogue.parquet")) == 60
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ({"data": {"synthetic": {"n_galaxie": 5}}}, "n_galaxie"),
+        ({"inference": {"batch_size": 0}}, "batch_size"),
+        ({"model": {"num_heads": 5}}, "num_heads"),
+        ({"partition": {"size_mb": 0.001}}, "size_mb"),
+    ],
+)
+def test_bad_config_is_refused_before_anything_runs(tmp_path, override, expected):
+    result = snakemake(tmp_path, "--dry-run", config=override)
+    assert result.returncode != 0
+    assert expected in result.stdout + result.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_copy_of_repo_config_is_the_default(tmp_path):
+    """The default config runs from any folder (the Snakefile finds its config)."""
+    shutil.copy(REPO / "config/config.yaml", tmp_path / "c.yaml")
+    result = check(snakemake(tmp_path, "--dry-run"))
+    assert "simulate" in result.stdout
