@@ -172,7 +172,10 @@ def run_inference(
             started = time.time()
             tick = time.perf_counter()
             if settings.verify_checksum and part.sha256:
-                actual = sha256_file(part.path)
+                try:
+                    actual = sha256_file(part.path)
+                except FileNotFoundError:
+                    raise DataFormatError(f"{part.path}: no such file") from None
                 if actual != part.sha256:
                     raise ChecksumError(
                         f"{part.path}: sha256 {actual} differs from the manifest's "

@@ -178,7 +178,11 @@ class GalaxyFile:
             if name not in self._h5:
                 raise DataFormatError(f"{self.path}: dataset '{name}' is missing")
             dset = self._h5[name]
-            if dset.shape[1:] != shape or dset.dtype != dtype:
+            if (
+                dset.ndim != 1 + len(shape)
+                or dset.shape[1:] != shape
+                or dset.dtype != dtype
+            ):
                 raise DataFormatError(
                     f"{self.path}: dataset '{name}' has shape {dset.shape} and dtype "
                     f"{dset.dtype}; expected (rows, {', '.join(map(str, shape))}) {dtype}"

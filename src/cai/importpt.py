@@ -46,7 +46,11 @@ def load_pt(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor, torch.
             "tensors only"
         ) from None
     tensors = obj.tensors if isinstance(obj, TensorDataset) else obj
-    if not isinstance(tensors, tuple | list) or len(tensors) != 3:
+    if (
+        not isinstance(tensors, tuple | list)
+        or len(tensors) != 3
+        or not all(isinstance(t, torch.Tensor) for t in tensors)
+    ):
         raise DataFormatError(
             f"{path}: holds {type(obj).__name__}; expected a TensorDataset of three "
             "tensors (images, magnitudes, redshift)"
