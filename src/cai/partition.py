@@ -1,9 +1,13 @@
 """Split a galaxy file into partition files of a target size, and write their manifest.
 
-Sizes are MiB of galaxies as the paper counts them (20,504 B each), so a partition of
-``size_mb`` holds ``floor(size_mb * 2**20 / 20504)`` galaxies: 25, 50, 75 and 100 MB give
-1,278, 2,556, 3,835 and 5,113 (the paper's own 75 MB files hold 3,834). The last
-partition holds the rest. The manifest is what every later step reads.
+Sizes are MiB (2^20 B) counted in galaxies of 20,504 B as the paper counts them (image,
+magnitudes and redshift), after a fixed 4 KiB allowance for the file's own metadata:
+a partition of ``size_mb`` holds ``floor((size_mb * 2**20 - 4096) / 20504)`` galaxies.
+So 25, 50, 75 and 100 MB hold 1,278, 2,556, 3,835 and 5,113 galaxies, the counts of the
+design (the paper's own 75 MB files hold 3,834). Without the allowance, 50 and 100 MB
+would give 2,557 and 5,114 (their galaxies alone would fill the size to within 72 and
+144 bytes). The last partition holds the rest. The manifest is what every later step
+reads.
 """
 
 from __future__ import annotations
@@ -27,18 +31,20 @@ _logger = logging.getLogger(__name__)
 MANIFEST_FORMAT = "cai-manifest"
 MANIFEST_VERSION = 1
 MIB = 1 << 20
+PARTITION_METADATA_BYTES = 4096  # B of a partition's size left for file metadata
 MANIFEST_NAME = "manifest.json"
 COPY_ROWS = 1024  # rows copied at a time: 20 MiB of memory whatever the size
 
 
 def rows_per_partition(size_mb: float) -> int:
     """Galaxies in a partition of ``size_mb`` MiB; at least one, else ValueError."""
-    rows = math.floor(size_mb * MIB / BYTES_PER_GALAXY)
+    rows = math.floor((size_mb * MIB - PARTITION_METADATA_BYTES) / BYTES_PER_GALAXY)
     if rows < 1:
+        smallest = (PARTITION_METADATA_BYTES + BYTES_PER_GALAXY) / MIB
         raise ValueError(
             f"partition size {size_mb} MB holds no galaxy: one galaxy is "
-            f"{BYTES_PER_GALAXY} B, so the size must be at least "
-            f"{BYTES_PER_GALAXY / MIB:.5f} MB"
+            f"{BYTES_PER_GALAXY} B plus {PARTITION_METADATA_BYTES} B of file metadata, "
+            f"so the size must be at least {smallest:.5f} MB"
         )
     return rows
 
@@ -72,7 +78,6 @@ def partition_dataset(
         out_dir.rmdir()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     rows = rows_per_partition(size_mb)
-    source_sha = sha256_file(source)
     entries = []
     with (
         tempfile.TemporaryDirectory(
@@ -80,6 +85,7 @@ def partition_dataset(
         ) as tmp,
         GalaxyFile(source) as src,
     ):
+        source_sha = sha256_file(source)
         total = len(src)
         count = math.ceil(total / rows)
         for index in range(count):
@@ -145,11 +151,14 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         raise DataFormatError(f"{path}: manifest not found") from None
     except json.JSONDecodeError as err:
         raise DataFormatError(f"{path}: not valid JSON ({err})") from None
-    if manifest.get("format") != MANIFEST_FORMAT:
+    fmt = manifest.get("format") if isinstance(manifest, dict) else None
+    if fmt != MANIFEST_FORMAT:
         raise DataFormatError(
-            f"{path}: 'format' is {manifest.get('format')!r}; expected {MANIFEST_FORMAT!r}"
+            f"{path}: 'format' is {fmt!r}; expected {MANIFEST_FORMAT!r}"
         )
-    for number, entry in enumerate(manifest.get("partitions", [])):
+    if not isinstance(manifest.get("partitions"), list):
+        raise DataFormatError(f"{path}: has no 'partitions' list")
+    for number, entry in enumerate(manifest["partitions"]):
         for key in ("id", "path", "rows", "bytes", "sha256"):
             if key not in entry:
                 raise DataFormatError(f"{path}: partition {number} has no '{key}'")
