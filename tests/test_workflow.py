@@ -31,24 +31,24 @@ JOB_IDS = ["00000", "00001", "00002"]
 pytestmark = pytest.mark.workflow
 
 
-def snakemake(
-    workdir: Path, *args: str, config: dict | None = None, timeout: int = 600
-):
-    """Run the repository's Snakefile in ``workdir`` with the tiny config (+ overrides)."""
+def snakemake_command(workdir: Path, config: dict | None = None) -> list[str]:
+    """Snakemake on the repository's Snakefile with the tiny config (plus ``config``
+    overrides), which is written to ``workdir/tiny.yaml``."""
     config_path = workdir / "tiny.yaml"
     merged = json.loads(json.dumps(TINY))
     for key, value in (config or {}).items():
         merged.setdefault(key, {}).update(value)
     config_path.write_text(yaml.safe_dump(merged))
-    command = [
-        str(SNAKEMAKE),
-        "-s",
-        str(REPO / "Snakefile"),
-        "--configfile",
-        str(config_path),
-    ]
+    snakefile = str(REPO / "Snakefile")
+    return [str(SNAKEMAKE), "-s", snakefile, "--configfile", str(config_path)]
+
+
+def snakemake(
+    workdir: Path, *args: str, config: dict | None = None, timeout: int = 600
+):
+    """Run the tiny workflow in ``workdir`` on 2 cores; return the finished process."""
     return subprocess.run(
-        [*command, "--cores", "2", *args],
+        [*snakemake_command(workdir, config), "--cores", "2", *args],
         cwd=workdir,
         capture_output=True,
         text=True,
@@ -176,17 +176,7 @@ def test_failing_partition_leaves_others_intact_and_rerun_redoes_only_it(tmp_pat
 
 
 def test_killed_run_resumes_with_only_the_unfinished_partitions(tmp_path):
-    config_path = tmp_path / "tiny.yaml"
-    config_path.write_text(yaml.safe_dump(TINY))
-    command = [
-        str(SNAKEMAKE),
-        "-s",
-        str(REPO / "Snakefile"),
-        "--configfile",
-        str(config_path),
-        "--cores",
-        "1",
-    ]
+    command = [*snakemake_command(tmp_path), "--cores", "1"]
     process = subprocess.Popen(
         command,
         cwd=tmp_path,
