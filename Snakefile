@@ -7,7 +7,10 @@ defaults of config/config.yaml; profiles/ hold the cluster and cloud settings.
 
 import os
 
+import yaml
 from snakemake.utils import min_version, validate
+
+from cai.workflow import coerce_cli_values
 
 min_version("9.0")
 
@@ -15,6 +18,12 @@ min_version("9.0")
 # The documented defaults, wherever snakemake runs from; --configfile and --config
 # override keys of it.
 configfile: os.path.join(workflow.basedir, "config/config.yaml")
+
+
+# Nested --config values arrive as strings; give them the types the schema expects.
+coerce_cli_values(
+    config, yaml.safe_load(open(f"{workflow.basedir}/config/schema.yaml"))
+)
 
 
 validate(config, "config/schema.yaml")

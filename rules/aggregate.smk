@@ -13,6 +13,10 @@ rule aggregate:
         summary=RUN + "/summary.json",
     log:
         LOGS + "/aggregate.log",
+    resources:
+        **cluster_resources("aggregate"),
+    params:
+        logical=lambda wildcards: plan_of(wildcards.size).logical,
     script:
         "../scripts/aggregate.py"
 

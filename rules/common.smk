@@ -1,7 +1,7 @@
-# Shared names and input functions. The plan (partitions and inference jobs) is
-# computed from the config before anything runs, so --dry-run shows every job.
+# Shared names, the plan and input functions. The plan (partitions and inference jobs)
+# is computed from the config before anything runs, so --dry-run shows every job.
 
-from cai.workflow import job_count, job_partition_indices, partition_total
+from cai.workflow import run_plan
 
 DATASET = {
     "synthetic": "results/data/synthetic.h5",
@@ -19,6 +19,13 @@ wildcard_constraints:
     backend=r"[a-z0-9][a-z0-9-]*",
 
 
+localrules:
+    all,
+    accuracy,
+    plot_redshift,
+    plot_partitions,
+
+
 def size_label(size_mb):
     """Folder label of a partition size: 25 -> '25', 12.5 -> '12.5'."""
     return f"{float(size_mb):g}"
@@ -33,18 +40,14 @@ def run_dir():
     )
 
 
-def jobs_of(size):
-    """Inference job ids for a partition size."""
-    per_job = config["inference"]["partitions_per_job"]
-    total = partition_total({**config, "partition": {"size_mb": float(size)}})
-    return [f"{job:05d}" for job in range(job_count(total, per_job))]
+def plan_of(size):
+    """The plan (partitions, jobs) of a run at partition size `size`."""
+    return run_plan(config, float(size))
 
 
 def get_job_partitions(wildcards):
-    """Partition indices that inference job `wildcards.job` predicts."""
-    total = partition_total({**config, "partition": {"size_mb": float(wildcards.size)}})
-    per_job = config["inference"]["partitions_per_job"]
-    return list(job_partition_indices(int(wildcards.job), per_job, total))
+    """Logical partition indices that inference job `wildcards.job` predicts."""
+    return list(plan_of(wildcards.size).job_partitions(int(wildcards.job)))
 
 
 def get_job_outputs(kind):
@@ -56,11 +59,31 @@ def get_job_outputs(kind):
             backend=wildcards.backend,
             size=wildcards.size,
             batch=wildcards.batch,
-            job=jobs_of(wildcards.size),
+            job=[f"{job:05d}" for job in range(plan_of(wildcards.size).jobs)],
             ext={"predictions": "parquet", "metrics": "json"}[kind],
         )
 
     return inputs
+
+
+def cluster_resources(rule):
+    """SLURM resources of a rule from config `cluster`; memory and runtime double with
+    each retry (Snakemake's `attempt`)."""
+    cluster = config["cluster"]
+    mem_mb, runtime = cluster["mem_mb"][rule], cluster["runtime"][rule]
+    resources = {
+        "mem_mb": lambda wildcards, attempt: mem_mb * 2 ** (attempt - 1),
+        "runtime": lambda wildcards, attempt: runtime * 2 ** (attempt - 1),
+    }
+    optional = {
+        "slurm_partition": cluster["partition"],
+        "slurm_account": cluster["account"],
+        "constraint": cluster["constraint"],
+    }
+    if rule == "infer" and cluster["gpus"]:
+        optional.update(gpu=cluster["gpus"], gpu_model=cluster["gpu_model"])
+    resources.update({k: v for k, v in optional.items() if v is not None})
+    return resources
 
 
 def final_targets():

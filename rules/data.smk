@@ -3,6 +3,8 @@ rule simulate:
         "results/data/synthetic.h5",
     log:
         "results/logs/simulate.log",
+    resources:
+        **cluster_resources("simulate"),
     params:
         n_galaxies=config["data"]["synthetic"]["n_galaxies"],
         seed=config["data"]["synthetic"]["seed"],
@@ -18,6 +20,8 @@ rule import_pt:
         "results/data/imported.h5",
     log:
         "results/logs/import_pt.log",
+    resources:
+        **cluster_resources("simulate"),
     params:
         first_object_id=config["data"]["first_object_id"],
     script:

@@ -5,5 +5,7 @@ rule partition:
         directory(PARTITIONS),
     log:
         "results/logs/partition-{size}MB.log",
+    resources:
+        **cluster_resources("partition"),
     script:
         "../scripts/partition.py"

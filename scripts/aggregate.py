@@ -12,5 +12,6 @@ run_step(
         snakemake.output.catalogue,
         snakemake.output.partition_metrics,
         snakemake.output.summary,
+        snakemake.params.logical,
     ),
 )

@@ -2,13 +2,18 @@
 
 from cai.engine import InferenceSettings, run_inference
 from cai.model import ModelConfig
-from cai.workflow import manifest_partitions, run_step
+from cai.workflow import job_partitions, run_step
 
 model = snakemake.params.model
 run_step(
     snakemake,
     lambda: run_inference(
-        manifest_partitions(snakemake.input[0], snakemake.params.partitions),
+        job_partitions(
+            snakemake.input[0],
+            snakemake.params.partitions,
+            snakemake.params.logical,
+            snakemake.params.physical,
+        ),
         snakemake.output.predictions,
         snakemake.output.metrics,
         InferenceSettings(

@@ -24,12 +24,13 @@ from cai import __version__
 from cai.atomic import atomic_path, sha256_file, write_json
 from cai.errors import DataFormatError
 from cai.formats import INPUT_BITS_PER_GALAXY
-from cai.partition import read_manifest
+from cai.partition import planned_partitions, read_manifest
 
 _logger = logging.getLogger(__name__)
 
 PARTITION_COLUMNS = [
     "partition",
+    "source_partition",
     "rows",
     "backend",
     "host",
@@ -72,15 +73,21 @@ def aggregate(
     catalogue_out: str | os.PathLike,
     partitions_out: str | os.PathLike,
     summary_out: str | os.PathLike,
+    logical: int | None = None,
 ) -> dict[str, Any]:
-    """Check and join the jobs' outputs; write catalogue, partition table and summary."""
+    """Check and join the jobs' outputs; write catalogue, partition table and summary.
+
+    ``logical`` is the plan's partition count when it differs from the manifest's
+    (a data size beyond the stored data, see :mod:`cai.plan`).
+    """
     started = time.perf_counter()
     if len(predictions) != len(metrics):
         raise ValueError(
             f"{len(predictions)} predictions files but {len(metrics)} metrics files"
         )
     manifest = read_manifest(manifest_path)
-    expected = {p["id"]: p["rows"] for p in manifest["partitions"]}
+    planned = planned_partitions(manifest, logical=logical)
+    expected = {p.id: p.rows for p in planned}
     jobs, records, tables = [], [], []
     for pred_path, metrics_path in zip(
         map(Path, predictions), map(Path, metrics), strict=True
@@ -121,8 +128,8 @@ def aggregate(
     missing = sorted(set(expected) - set(seen))
     if missing:
         raise DataFormatError(
-            f"{len(missing)} partitions of {manifest_path} have no predictions: "
-            + ", ".join(missing[:10])
+            f"{len(missing)} planned partitions over {manifest_path} have no "
+            "predictions: " + ", ".join(missing[:10])
         )
 
     catalogue = pa.concat_tables(tables)
@@ -146,6 +153,14 @@ def aggregate(
         "device": jobs[0]["device"],
         "partition_size_mb": manifest["partition_size_mb"],
         "partitions": len(table),
+        "physical_partitions": len(manifest["partitions"]),
+        "storage_shared": len(planned) > len(manifest["partitions"]),
+        "storage_note": (
+            "partitions beyond the stored data reread the stored partition files "
+            "cyclically: every galaxy is read and predicted, storage is shared"
+            if len(planned) > len(manifest["partitions"])
+            else "every partition is its own file"
+        ),
         "jobs": len(jobs),
         "rows": rows,
         "input_bits": total_bits,

@@ -104,6 +104,7 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
         args.catalogue,
         args.partition_table,
         args.summary,
+        args.logical_partitions,
     )
 
 
@@ -188,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--partition-table", required=True, help="output TSV, one row a partition"
     )
     p.add_argument("--summary", required=True, help="output JSON run summary")
+    p.add_argument(
+        "--logical-partitions",
+        type=_positive_int,
+        help="partitions of the plan when it reuses the manifest's files cyclically",
+    )
     p.set_defaults(func=cmd_aggregate)
 
     p = sub.add_parser("metrics", help="accuracy of a catalogue with true redshifts")

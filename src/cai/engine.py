@@ -30,6 +30,7 @@ from cai.atomic import atomic_path, sha256_file, write_json
 from cai.errors import ChecksumError, ConfigError, DataFormatError
 from cai.formats import INPUT_BITS_PER_GALAXY, GalaxyFile, check_finite
 from cai.model import ModelConfig, create_model
+from cai.partition import PartitionRef
 
 _logger = logging.getLogger(__name__)
 
@@ -42,20 +43,6 @@ PREDICTION_SCHEMA = pa.schema(
     ]
 )
 DEVICES = ("cpu", "cuda")
-
-
-@dataclass(frozen=True)
-class PartitionRef:
-    """A partition as the manifest lists it."""
-
-    id: str
-    path: str
-    rows: int
-    sha256: str | None = None
-
-    @classmethod
-    def from_manifest(cls, entry: dict[str, Any]) -> PartitionRef:
-        return cls(entry["id"], entry["path"], int(entry["rows"]), entry.get("sha256"))
 
 
 @dataclass(frozen=True)
@@ -83,6 +70,28 @@ class InferenceSettings:
             raise ConfigError(f"device is {self.device!r}; expected one of {DEVICES}")
         if self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
+
+
+def usable_threads(requested: int) -> int:
+    """Threads to give torch: what was asked, within the CPUs this process may use.
+
+    A SLURM job may run on a node with more cores than it was given; SLURM's
+    SLURM_CPUS_PER_TASK and the process's CPU affinity both bound the threads, so torch
+    never oversubscribes the job's share.
+    """
+    limits = [requested, len(os.sched_getaffinity(0))]
+    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        limits.append(int(os.environ["SLURM_CPUS_PER_TASK"]))
+    usable = max(1, min(limits))
+    if usable < requested:
+        _logger.warning(
+            "%d threads asked for but this job may use %d CPUs: running %d threads "
+            "(set inference.threads to the CPUs a job gets)",
+            requested,
+            min(limits[1:]),
+            usable,
+        )
+    return usable
 
 
 def peak_rss_mb() -> float:
@@ -148,7 +157,17 @@ def run_inference(
             "inference.device is 'cuda' but torch sees no CUDA device on "
             f"{socket.gethostname()}; use device: cpu or run on a GPU node"
         )
-    torch.set_num_threads(settings.threads)
+    threads = usable_threads(settings.threads)
+    torch.set_num_threads(threads)
+    slurm_job = os.environ.get("SLURM_JOB_ID")
+    if slurm_job and not settings.backend.startswith("slurm"):
+        _logger.warning(
+            "this job runs in SLURM job %s but its outputs are labelled %r: the "
+            "comparison tables will file it under that backend; run with --profile "
+            "profiles/slurm (or set inference.backend)",
+            slurm_job,
+            settings.backend,
+        )
     tick = time.perf_counter()
     model, weights = create_model(model_config, checkpoint, seed)
     model = model.to(settings.device)
@@ -160,7 +179,7 @@ def run_inference(
         weights,
         model_load_s,
         settings.device,
-        settings.threads,
+        threads,
     )
     host = socket.gethostname()
     records = []
@@ -202,6 +221,7 @@ def run_inference(
             inference_s = times["read_s"] + times["compute_s"]
             record = {
                 "partition": part.id,
+                "source_partition": part.source or part.id,
                 "rows": part.rows,
                 "backend": settings.backend,
                 "fetch_s": fetch_s,
@@ -222,7 +242,7 @@ def run_inference(
                 "peak_rss_mb": peak_rss_mb(),
                 "batch_size": settings.batch_size,
                 "device": settings.device,
-                "threads": settings.threads,
+                "threads": threads,
                 "host": host,
                 "weights": weights,
                 "started_at": started,
@@ -247,8 +267,10 @@ def run_inference(
         "job": {
             "backend": settings.backend,
             "host": host,
+            "slurm_job_id": slurm_job,
+            "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
             "device": settings.device,
-            "threads": settings.threads,
+            "threads": threads,
             "batch_size": settings.batch_size,
             "weights": weights,
             "model_depth": model.config.depth,

@@ -18,6 +18,7 @@ import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -164,3 +165,56 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
                 raise DataFormatError(f"{path}: partition {number} has no '{key}'")
         entry["path"] = str((path.parent / entry["path"]).resolve())
     return manifest
+
+
+@dataclass(frozen=True)
+class PartitionRef:
+    """A partition to predict: its id, the file it reads, rows and checksum.
+
+    ``source`` names the physical partition when the file is shared with other
+    partitions of the plan (cyclic reuse), else it is None.
+    """
+
+    id: str
+    path: str
+    rows: int
+    sha256: str | None = None
+    source: str | None = None
+
+    @classmethod
+    def from_manifest(cls, entry: dict[str, Any]) -> PartitionRef:
+        return cls(entry["id"], entry["path"], int(entry["rows"]), entry.get("sha256"))
+
+
+def planned_partitions(
+    manifest: dict[str, Any],
+    indices: range | list[int] | None = None,
+    logical: int | None = None,
+) -> list[PartitionRef]:
+    """Partitions of a plan over a manifest, as the engine and the aggregation see them.
+
+    Logical partition i reads physical partition i mod (manifest partitions); with
+    ``logical`` larger than the manifest, files are reused and each ref names its
+    ``source``. ``indices`` selects logical partitions (default: all ``logical``).
+    """
+    entries = manifest["partitions"]
+    logical = len(entries) if logical is None else logical
+    indices = range(logical) if indices is None else indices
+    refs = []
+    for index in indices:
+        if not 0 <= index < logical:
+            raise DataFormatError(
+                f"partition index {index} is outside the plan of {logical} partitions"
+            )
+        entry = entries[index % len(entries)]
+        shared = logical > len(entries)
+        refs.append(
+            PartitionRef(
+                partition_name(index),
+                entry["path"],
+                int(entry["rows"]),
+                entry.get("sha256"),
+                entry["id"] if shared else None,
+            )
+        )
+    return refs

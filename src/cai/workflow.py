@@ -9,15 +9,54 @@ the log to the rule's `log:` file with a prefix naming the job.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from typing import Any
 
+import yaml
+
 from cai.errors import ConfigError
-from cai.partition import partition_count, rows_per_partition
+from cai.partition import (
+    PartitionRef,
+    partition_count,
+    planned_partitions,
+    read_manifest,
+    rows_per_partition,
+)
+from cai.plan import Plan, make_plan
 
 _logger = logging.getLogger("cai.workflow")
+
+
+def coerce_cli_values(config: dict[str, Any], schema: dict[str, Any]) -> None:
+    """Turn strings that stand for numbers, booleans or null into them, in place.
+
+    Snakemake reads nested `--config key='{a: 1}'` values as strings only; where the
+    schema expects another type and the string reads as one (YAML), it is converted,
+    so the schema then checks real values.
+    """
+    expected = {
+        "integer": int,
+        "number": (int, float),
+        "boolean": bool,
+        "null": type(None),
+    }
+    for key, sub in schema.get("properties", {}).items():
+        if key not in config:
+            continue
+        value = config[key]
+        if isinstance(value, dict):
+            coerce_cli_values(value, sub)
+            continue
+        types = sub.get("type", [])
+        types = [types] if isinstance(types, str) else types
+        wanted = tuple(expected[t] for t in types if t in expected)
+        if isinstance(value, str) and wanted and "string" not in types:
+            parsed = yaml.safe_load(value)
+            if isinstance(parsed, wanted) and not (
+                isinstance(parsed, bool) and "boolean" not in types
+            ):
+                config[key] = parsed
 
 
 def dataset_rows(config: dict[str, Any]) -> int:
@@ -44,16 +83,21 @@ def partition_total(config: dict[str, Any]) -> int:
     return partition_count(dataset_rows(config), size_mb)
 
 
-def job_count(partitions: int, per_job: int) -> int:
-    """Inference jobs for ``partitions`` partitions at ``per_job`` partitions a job."""
-    return math.ceil(partitions / per_job)
-
-
-def job_partition_indices(job: int, per_job: int, partitions: int) -> range:
-    """Partition indices handled by inference job ``job``."""
-    if not 0 <= job < job_count(partitions, per_job):
-        raise ValueError(f"job {job} out of range for {partitions} partitions")
-    return range(job * per_job, min((job + 1) * per_job, partitions))
+def run_plan(config: dict[str, Any], size_mb: float | None = None) -> Plan:
+    """The plan of the configured run (at partition size ``size_mb``, default config's)."""
+    size_mb = config["partition"]["size_mb"] if size_mb is None else size_mb
+    physical = partition_total({**config, "partition": {"size_mb": size_mb}})
+    inference = config["inference"]
+    try:
+        return make_plan(
+            physical,
+            size_mb,
+            config["data"]["size_gb"],
+            inference["partitions_per_job"],
+            inference["max_jobs"],
+        )
+    except ValueError as err:
+        raise ConfigError(f"data.size_gb / inference: {err}") from None
 
 
 def run_step(snakemake: Any, step: Callable[[], Any]) -> Any:
@@ -78,15 +122,14 @@ def run_step(snakemake: Any, step: Callable[[], Any]) -> Any:
     return result
 
 
-def manifest_partitions(manifest: str, indices: list[int]) -> list:
-    """The manifest entries at ``indices``, as PartitionRef objects for the engine."""
-    from cai.engine import PartitionRef
-    from cai.partition import read_manifest
-
-    entries = read_manifest(manifest)["partitions"]
-    if indices and max(indices) >= len(entries):
+def job_partitions(
+    manifest: str, indices: list[int], logical: int, physical: int
+) -> list[PartitionRef]:
+    """The partitions one inference job predicts, checked against the plan."""
+    entries = read_manifest(manifest)
+    if len(entries["partitions"]) != physical:
         raise ConfigError(
-            f"{manifest}: lists {len(entries)} partitions, but the plan needs index "
-            f"{max(indices)}; the data set changed since planning: rerun snakemake"
+            f"{manifest}: lists {len(entries['partitions'])} partitions but the plan was "
+            f"made for {physical}; the data set changed since planning: rerun snakemake"
         )
-    return [PartitionRef.from_manifest(entries[i]) for i in indices]
+    return planned_partitions(entries, indices, logical)
