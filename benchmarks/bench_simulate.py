@@ -10,8 +10,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
 from cai.sky import simulate
 
 TARGET_GALAXIES_PER_S = 2_000.0  # required simulate throughput on a 2-core machine
