@@ -99,6 +99,21 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def verify_partition(part: PartitionRef) -> None:
+    """Raise unless the partition file's sha256 is the one its manifest records."""
+    if not part.sha256:
+        return
+    try:
+        actual = sha256_file(part.path)
+    except FileNotFoundError:
+        raise DataFormatError(f"{part.path}: no such file") from None
+    if actual != part.sha256:
+        raise ChecksumError(
+            f"{part.path}: sha256 {actual} differs from the manifest's {part.sha256}; "
+            "the partition is corrupt or was rewritten: rerun the partition step"
+        )
+
+
 def _predict_partition(
     model: torch.nn.Module,
     part: PartitionRef,
@@ -190,17 +205,8 @@ def run_inference(
         for number, part in enumerate(partitions):
             started = time.time()
             tick = time.perf_counter()
-            if settings.verify_checksum and part.sha256:
-                try:
-                    actual = sha256_file(part.path)
-                except FileNotFoundError:
-                    raise DataFormatError(f"{part.path}: no such file") from None
-                if actual != part.sha256:
-                    raise ChecksumError(
-                        f"{part.path}: sha256 {actual} differs from the manifest's "
-                        f"{part.sha256}; the partition is corrupt or was rewritten: "
-                        "rerun the partition step"
-                    )
+            if settings.verify_checksum:
+                verify_partition(part)
             fetch_s = time.perf_counter() - tick
             with torch.inference_mode():
                 object_id, z_pred, z_true, times = _predict_partition(
