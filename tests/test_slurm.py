@@ -52,7 +52,8 @@ def slurm():
             ["bash", str(CLUSTER), "start"], capture_output=True, text=True, timeout=900
         )
         if result.returncode != 0 or not cluster_up():
-            reason = f"local SLURM cluster did not start:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+            output = f"{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+            reason = f"local SLURM cluster did not start:\n{output}"
             if os.environ.get("CI") == "true":
                 pytest.fail(reason)
             pytest.skip(reason)
