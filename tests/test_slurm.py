@@ -63,13 +63,20 @@ def slurm():
         subprocess.run(["bash", str(CLUSTER), "stop"], capture_output=True, timeout=120)
 
 
-def run(workdir: Path, *args: str, profile: bool = True, timeout: int = 900):
-    """Snakemake on the tiny config in ``workdir``, through the SLURM profile.
+def run(
+    workdir: Path,
+    *args: str,
+    profile: bool = True,
+    settings: dict | None = None,
+    timeout: int = 900,
+):
+    """Snakemake on the tiny config (or ``settings``) in ``workdir``, through the SLURM
+    profile unless ``profile`` is False.
 
     On timeout Snakemake gets SIGINT, which cancels its SLURM jobs (SIGTERM does not).
     """
     config = workdir / "tiny.yaml"
-    config.write_text(yaml.safe_dump(TINY))
+    config.write_text(yaml.safe_dump(settings or TINY))
     command = [str(SNAKEMAKE), "-s", str(REPO / "Snakefile")]
     if profile:
         # The profile's own configfile line is replaced by ours: list both.
@@ -191,6 +198,27 @@ def test_failing_partition_is_retried_with_more_memory_then_named(slurm, tmp_pat
     assert sorted(after) == sorted(
         f"job-{j}.{e}" for j in JOB_IDS for e in ("json", "parquet")
     )
+
+
+def test_job_killed_at_its_time_limit_is_reported_as_timeout(slurm, tmp_path):
+    """One 8,000-galaxy partition on 1 CPU needs about 100 s; the limit is 1 minute."""
+    settings = {
+        "data": {"synthetic": {"n_galaxies": 8000, "seed": 7}},
+        "partition": {"size_mb": 200},
+        "inference": {"threads": 1},
+        "cluster": {"retries": 0, "runtime": {"infer": 1}},
+    }
+    check(run(tmp_path, "--until", "partition", profile=False, settings=settings))
+    since = time.strftime("%Y-%m-%dT%H:%M:%S")
+    result = run(tmp_path, settings=settings)
+    assert result.returncode != 0
+    assert "SLURM status is: 'TIMEOUT'" in result.stdout + result.stderr
+    assert [j["State"] for j in sacct(since)] == ["TIMEOUT"]
+    # SLURM sent SIGTERM before the kill: the job unwound and left no file, not even
+    # its temporary
+    assert not list((tmp_path / "results/slurm-cpu/200MB-b512/jobs").glob("*"))
+    log = tmp_path / "results/logs/slurm-cpu/200MB-b512/infer-job-00000.log"
+    assert "received SIGTERM" in log.read_text()
 
 
 def test_dry_run_of_the_1_tb_plan(tmp_path):

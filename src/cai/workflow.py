@@ -9,6 +9,7 @@ the log to the rule's `log:` file with a prefix naming the job.
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -100,6 +101,15 @@ def run_plan(config: dict[str, Any], size_mb: float | None = None) -> Plan:
         raise ConfigError(f"data.size_gb / inference: {err}") from None
 
 
+def _stop_on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM (a SLURM time limit, scancel, a cancelled run): unwind, so that atomic
+    writes remove their temporaries before the process ends."""
+    _logger.error(
+        "received SIGTERM (time limit or cancellation): stopping, no output kept"
+    )
+    raise SystemExit(128 + signum)
+
+
 def run_step(snakemake: Any, step: Callable[[], Any]) -> Any:
     """Run one workflow step with logging to the rule's log file; log failures too."""
     from cai.logs import setup_logging
@@ -107,6 +117,7 @@ def run_step(snakemake: Any, step: Callable[[], Any]) -> Any:
     wildcards = ",".join(f"{k}={v}" for k, v in snakemake.wildcards.items())
     prefix = snakemake.rule + (f" {wildcards}" if wildcards else "")
     setup_logging(snakemake.log[0] if snakemake.log else None, prefix=prefix)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     started = time.perf_counter()
     try:
         result = step()
