@@ -1,6 +1,8 @@
 # Shared names, the plan and input functions. The plan (partitions and inference jobs)
 # is computed from the config before anything runs, so --dry-run shows every job.
 
+import functools
+
 from cai.workflow import run_plan
 
 DATASET = {
@@ -40,8 +42,11 @@ def run_dir():
     )
 
 
+@functools.cache
 def plan_of(size):
-    """The plan (partitions, jobs) of a run at partition size `size`."""
+    """The plan (partitions, jobs) of a run at partition size `size`; computed once per
+    size, as every inference job's params ask for it (and `pt` data is counted by
+    opening its files)."""
     return run_plan(config, float(size))
 
 

@@ -145,6 +145,7 @@ def aggregate(
     end_to_end_s = last_end - first_start
     total_bits = rows * INPUT_BITS_PER_GALAXY
     wall = table["wall_s"].to_numpy()
+    shared = len(planned) > len(manifest["partitions"])
     summary = {
         "tool": f"cai {__version__}",
         "backend": jobs[0]["backend"],
@@ -154,11 +155,11 @@ def aggregate(
         "partition_size_mb": manifest["partition_size_mb"],
         "partitions": len(table),
         "physical_partitions": len(manifest["partitions"]),
-        "storage_shared": len(planned) > len(manifest["partitions"]),
+        "storage_shared": shared,
         "storage_note": (
             "partitions beyond the stored data reread the stored partition files "
             "cyclically: every galaxy is read and predicted, storage is shared"
-            if len(planned) > len(manifest["partitions"])
+            if shared
             else "every partition is its own file"
         ),
         "jobs": len(jobs),

@@ -200,6 +200,7 @@ def planned_partitions(
     entries = manifest["partitions"]
     logical = len(entries) if logical is None else logical
     indices = range(logical) if indices is None else indices
+    shared = logical > len(entries)
     refs = []
     for index in indices:
         if not 0 <= index < logical:
@@ -207,7 +208,6 @@ def planned_partitions(
                 f"partition index {index} is outside the plan of {logical} partitions"
             )
         entry = entries[index % len(entries)]
-        shared = logical > len(entries)
         refs.append(
             PartitionRef(
                 partition_name(index),
