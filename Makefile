@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-LINT_PATHS := src tests scripts benchmarks
+LINT_PATHS := src tests scripts benchmarks lambda
 
 .PHONY: all setup run report test lint format clean
 
@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 		apt-get update -qq && apt-get install -y -qq python3-venv; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m cai.localaws install-rie $(BIN)
 	touch $(STAMP)
 
 setup: $(STAMP)

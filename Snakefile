@@ -36,6 +36,7 @@ include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/partition.smk"
 include: "rules/inference.smk"
+include: "rules/lambda.smk"
 include: "rules/aggregate.smk"
 include: "rules/plots.smk"
 

@@ -55,10 +55,26 @@ def get_job_partitions(wildcards):
     return list(plan_of(wildcards.size).job_partitions(int(wildcards.job)))
 
 
+def get_plan_jobs(wildcards):
+    """Logical partition indices of every job of a run (Lambda: one per invocation)."""
+    plan = plan_of(wildcards.size)
+    return [list(plan.job_partitions(job)) for job in range(plan.jobs)]
+
+
+def deploy_receipt():
+    """The deploy rule's output when aws.deploy is set, so dispatch waits for it."""
+    if not config["aws"]["deploy"]:
+        return []
+    return f"results/lambda/deploy/{config['aws']['function_name']}.json"
+
+
 def get_job_outputs(kind):
-    """Input function: every inference job's predictions or metrics of a run."""
+    """Input function: every inference job's predictions or metrics of a run; for the
+    Lambda backend, the folder where rule dispatch puts them."""
 
     def inputs(wildcards):
+        if wildcards.backend == "lambda":
+            return [RUN.format(**wildcards) + "/lambda/results"]
         return expand(
             RUN + "/jobs/job-{job}.{ext}",
             backend=wildcards.backend,

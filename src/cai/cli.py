@@ -123,6 +123,34 @@ def cmd_convert(args: argparse.Namespace) -> None:
     convert_checkpoint(args.source, args.out, args.trust_pickle, args.num_heads)
 
 
+def cmd_aws_deploy(args: argparse.Namespace) -> None:
+    from cai.lambda_run import deploy_from_config
+
+    aws = {
+        "region": args.region,
+        "function_name": args.function_name,
+        "image_uri": args.image_uri,
+        "role_arn": args.role_arn,
+        "memory_mb": args.memory_mb,
+        "timeout_s": args.timeout_s,
+        "ephemeral_mb": args.ephemeral_mb,
+        "architecture": args.architecture,
+    }
+    result = deploy_from_config(aws, args.receipt)
+    changes = ", ".join(
+        f"{field} {old} -> {new}" for field, (old, new) in result["changes"].items()
+    )
+    print(
+        f"{result['name']}: {result['action']}" + (f" ({changes})" if changes else "")
+    )
+
+
+def cmd_local_aws(args: argparse.Namespace) -> int:
+    from cai.localaws import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cai",
@@ -220,6 +248,40 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-heads", type=_positive_int, default=8, help="heads (default 8)"
     )
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "aws-deploy",
+        help="create or update the Lambda function from a container image",
+        description="Idempotent: creates the function, or updates what differs from "
+        "the given settings, and prints what changed. Needs lambda:GetFunction, "
+        "lambda:CreateFunction, lambda:UpdateFunctionConfiguration, "
+        "lambda:UpdateFunctionCode and iam:PassRole.",
+    )
+    p.add_argument("--function-name", default="cai-astromae")
+    p.add_argument("--image-uri", required=True, help="ECR image (lambda/Dockerfile)")
+    p.add_argument("--role-arn", required=True, help="the function's execution role")
+    p.add_argument("--memory-mb", type=int, default=10240, help="128..10240")
+    p.add_argument("--timeout-s", type=int, default=900, help="1..900")
+    p.add_argument("--ephemeral-mb", type=int, default=2048, help="/tmp, 512..10240")
+    p.add_argument("--architecture", choices=["x86_64", "arm64"], default="x86_64")
+    p.add_argument("--region", help="default: boto3's (AWS_REGION, ~/.aws/config)")
+    p.add_argument(
+        "--receipt", default="results/lambda/deploy/receipt.json", help="output JSON"
+    )
+    p.set_defaults(func=cmd_aws_deploy)
+
+    from cai.localaws import build_parser as local_aws_parser
+
+    p = sub.add_parser(
+        "local-aws",
+        help="start, stop or show the local AWS stack (S3, Step Functions, Lambda RIE)",
+        description="A local stand-in for AWS on 127.0.0.1: moto's S3, IAM and Step "
+        "Functions, and the real handler in a pool of Lambda Runtime Interface "
+        'Emulators, behind one endpoint. `eval "$(cai local-aws env)"` points '
+        "boto3, the AWS CLI and `snakemake --profile profiles/aws` at it.",
+    )
+    local_aws_parser(p)
+    p.set_defaults(func=cmd_local_aws)
     return parser
 
 
@@ -229,11 +291,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     setup_logging(level=logging.DEBUG if args.verbose else logging.INFO)
     try:
-        args.func(args)
+        status = args.func(args)
     except CaiError as err:
         print(f"cai {args.command}: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

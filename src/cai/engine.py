@@ -151,6 +151,39 @@ def _predict_partition(
     return object_id, z_pred, z_true, times
 
 
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to predict, with what it is and what loading it cost.
+
+    Attributes:
+        model: AstroMAE in eval mode, on the settings' device.
+        weights: One-line description of the weights, kept in every record.
+        load_s: Seconds the load took (0 for a model reused by a warm Lambda).
+    """
+
+    model: torch.nn.Module
+    weights: str
+    load_s: float
+
+
+def load_model(
+    settings: InferenceSettings,
+    model_config: ModelConfig | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    seed: int = 0,
+) -> LoadedModel:
+    """Build AstroMAE on the settings' device, from a checkpoint or seeded weights."""
+    if settings.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "inference.device is 'cuda' but torch sees no CUDA device on "
+            f"{socket.gethostname()}; use device: cpu or run on a GPU node"
+        )
+    tick = time.perf_counter()
+    model, weights = create_model(model_config, checkpoint, seed)
+    model = model.to(settings.device)
+    return LoadedModel(model, weights, time.perf_counter() - tick)
+
+
 def run_inference(
     partitions: Sequence[PartitionRef],
     predictions_path: str | os.PathLike,
@@ -159,19 +192,17 @@ def run_inference(
     model_config: ModelConfig | None = None,
     checkpoint: str | os.PathLike | None = None,
     seed: int = 0,
+    loaded: LoadedModel | None = None,
 ) -> dict[str, Any]:
     """Predict every partition; write a Parquet of predictions and a metrics JSON.
 
-    Both outputs appear only when every partition succeeded (atomic writes); a failure
-    names the partition and leaves no output behind.
+    The model is loaded here unless ``loaded`` gives one already in memory (a warm
+    Lambda container keeps its model between invocations). Both outputs appear only
+    when every partition succeeded (atomic writes); a failure names the partition and
+    leaves no output behind.
     """
     job_started = time.time()
     wall_started = time.perf_counter()
-    if settings.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            "inference.device is 'cuda' but torch sees no CUDA device on "
-            f"{socket.gethostname()}; use device: cpu or run on a GPU node"
-        )
     threads = usable_threads(settings.threads)
     torch.set_num_threads(threads)
     slurm_job = os.environ.get("SLURM_JOB_ID")
@@ -183,10 +214,9 @@ def run_inference(
             slurm_job,
             settings.backend,
         )
-    tick = time.perf_counter()
-    model, weights = create_model(model_config, checkpoint, seed)
-    model = model.to(settings.device)
-    model_load_s = time.perf_counter() - tick
+    if loaded is None:
+        loaded = load_model(settings, model_config, checkpoint, seed)
+    model, weights, model_load_s = loaded.model, loaded.weights, loaded.load_s
     _logger.info(
         "model: AstroMAE depth %d, %d heads, %s, loaded in %.2f s on %s (%d threads)",
         model.config.depth,

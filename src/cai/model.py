@@ -423,7 +423,10 @@ def create_model(
     model = AstroMAE(config)
     check_state_dict(state, model, str(checkpoint))
     model.load_state_dict(state, strict=True)
-    return model.eval(), f"checkpoint {Path(checkpoint).name}"
+    # A checkpoint CAI saved from seeded weights (to stage them for Lambda) says so.
+    return model.eval(), metadata.get(
+        "weights"
+    ) or f"checkpoint {Path(checkpoint).name}"
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -9,9 +9,11 @@ the log to the rule's `log:` file with a prefix naming the job.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -144,3 +146,11 @@ def job_partitions(
             f"made for {physical}; the data set changed since planning: rerun snakemake"
         )
     return planned_partitions(entries, indices, logical)
+
+
+def job_output_files(paths: Sequence[str], suffix: str) -> list[str]:
+    """The jobs' output files: ``paths`` themselves, or the ``job-*<suffix>`` files of
+    the one folder given (the Lambda backend fetches all its results into one)."""
+    if len(paths) == 1 and os.path.isdir(paths[0]):
+        return sorted(str(p) for p in Path(paths[0]).glob(f"job-*{suffix}"))
+    return list(paths)

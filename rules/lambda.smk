@@ -1,0 +1,63 @@
+# The AWS backend (inference.backend: lambda, set by profiles/aws): stage the partitions
+# and the model to S3, then fan the plan's jobs out as Lambda invocations and fetch the
+# checked results for the aggregate step. Both rules run on this machine and talk to
+# AWS (or the local stack) through boto3.
+
+LAMBDA = "results/lambda"
+
+
+localrules:
+    stage,
+    deploy,
+    dispatch,
+
+
+rule stage:
+    input:
+        PARTITIONS,
+    output:
+        LAMBDA + "/staged/{size}MB.json",
+    log:
+        "results/logs/lambda/stage-{size}MB.log",
+    params:
+        aws=config["aws"],
+        model=config["model"],
+    script:
+        "../scripts/stage.py"
+
+
+rule deploy:
+    output:
+        LAMBDA + "/deploy/" + config["aws"]["function_name"] + ".json",
+    log:
+        "results/logs/lambda/deploy.log",
+    params:
+        aws=config["aws"],
+    script:
+        "../scripts/deploy.py"
+
+
+rule dispatch:
+    input:
+        receipt=LAMBDA + "/staged/{size}MB.json",
+        deployed=deploy_receipt(),
+    output:
+        results=directory(RUN + "/lambda/results"),
+        records=report(
+            RUN + "/lambda/invocations.tsv",
+            caption="captions/invocations.rst",
+            category="Timing",
+        ),
+        summary=RUN + "/lambda/dispatch.json",
+    log:
+        LOGS + "/dispatch.log",
+    params:
+        jobs=get_plan_jobs,
+        logical=lambda wildcards: plan_of(wildcards.size).logical,
+        aws=config["aws"],
+        model=config["model"],
+        prices=config["prices"],
+        failed_records=LOGS + "/dispatch-failed-invocations.tsv",
+        definition=f"{workflow.basedir}/lambda/statemachine.asl.json",
+    script:
+        "../scripts/dispatch.py"
