@@ -114,9 +114,25 @@ def test_workflow_through_profile_matches_local_backend(stack, tmp_path):
     backend = REPO / "profiles/aws/backend.yaml"
     aws = ["--profile", str(REPO / "profiles/aws")]
     aws += ["--configfile", str(backend), str(tmp_path / "tiny.yaml")]
-    config = {"aws": {"concurrency": 2, "memory_mb": 3008}}
+    account = boto3.client("sts").get_caller_identity()["Account"]
+    config = {
+        "aws": {
+            "concurrency": 2,
+            "memory_mb": 3008,
+            "deploy": True,  # the deploy rule against the stack's Lambda API
+            "image_uri": f"{account}.dkr.ecr.us-east-1.amazonaws.com/cai:test",
+            "role_arn": stack.create_role("cai-lambda"),
+        }
+    }
     result = check(run_with_env(tmp_path, env, *aws, config=config))
-    assert "rule dispatch" in result.stderr
+    assert "rule deploy" in result.stderr and "rule dispatch" in result.stderr
+    deployed = json.loads(
+        (tmp_path / "results/lambda/deploy/cai-astromae.json").read_text()
+    )
+    assert (
+        deployed["action"] == "created"
+        and deployed["changes"]["memory_mb"]["new"] == 3008
+    )
 
     local = pq.read_table(tmp_path / LOCAL_RUN / "catalogue.parquet").to_pandas()
     remote = pq.read_table(tmp_path / LAMBDA_RUN / "catalogue.parquet").to_pandas()
@@ -292,3 +308,31 @@ def test_step_functions_distributed_map(stack, partitions, tmp_path):
     run = sfn.list_map_runs(executionArn=arn)["mapRuns"][0]
     counts = sfn.describe_map_run(mapRunArn=run["mapRunArn"])["itemCounts"]
     assert counts["total"] == 3 and counts["succeeded"] == 3 and counts["failed"] == 0
+
+
+def test_deploy_command_is_idempotent(stack, tmp_path):
+    from cai.cli import main
+
+    account = boto3.client("sts").get_caller_identity()["Account"]
+    args = [
+        "aws-deploy",
+        "--function-name",
+        "cai-deploy-test",
+        "--image-uri",
+        f"{account}.dkr.ecr.us-east-1.amazonaws.com/cai:1",
+        "--role-arn",
+        stack.create_role("cai-lambda"),
+        "--memory-mb",
+        "2048",
+        "--receipt",
+        str(tmp_path / "receipt.json"),
+    ]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "receipt.json").read_text())["action"] == "created"
+    assert main(args) == 0
+    assert json.loads((tmp_path / "receipt.json").read_text())["action"] == "unchanged"
+    args[args.index("2048")] = "4096"
+    assert main(args) == 0
+    receipt = json.loads((tmp_path / "receipt.json").read_text())
+    assert receipt["action"] == "updated"
+    assert receipt["changes"] == {"memory_mb": {"old": 2048, "new": 4096}}

@@ -138,7 +138,8 @@ def cmd_aws_deploy(args: argparse.Namespace) -> None:
     }
     result = deploy_from_config(aws, args.receipt)
     changes = ", ".join(
-        f"{field} {old} -> {new}" for field, (old, new) in result["changes"].items()
+        f"{field} {change['old']} -> {change['new']}"
+        for field, change in result["changes"].items()
     )
     print(
         f"{result['name']}: {result['action']}" + (f" ({changes})" if changes else "")

@@ -196,7 +196,7 @@ def handle(event: Any, context: Any, init_s: float = 0.0) -> dict[str, Any]:
         "duration_ms": (time.perf_counter() - tick) * 1000,
         "memory_limit_mb": memory_mb,
         "max_memory_used_mb": peak_rss_mb(),
-        "threads": settings.threads,
+        "threads": metrics["job"]["threads"],
         "started_at": started,
         "ended_at": time.time(),
     }
