@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 		apt-get update -qq && apt-get install -y -qq python3-venv; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
-	$(BIN)/python -m cai.localaws install-rie $(BIN)
+	$(BIN)/python -m cai.localaws install-rie --dest $(BIN)
 	touch $(STAMP)
 
 setup: $(STAMP)
