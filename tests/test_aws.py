@@ -26,6 +26,7 @@ from cai.lambda_run import dispatch_run, finished_invocations, plan_events, stag
 from cai.partition import partition_dataset
 from cai.sky import simulate
 from cai.staging import StagingError, read_receipt
+from cai.stepfunctions import map_run_counts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -250,17 +251,12 @@ def test_crash_on_one_partition_is_retried_then_reported(partitions, tmp_path):
         assert list(failed.loc[[0, 2], "status"]) == ["ok", "ok"]
 
         # Step Functions: the same crash is one failed item of the map run.
-        aws = aws_config(orchestrator="stepfunctions", prefix="sfn-crash")
-        aws["stepfunctions"] = {
-            **aws["stepfunctions"],
-            "role_arn": faulty.create_role("cai-sfn"),
-            "max_concurrency": 2,
-            "poll_s": 0.5,
-            "max_wait_s": 300,
-        }
+        aws = step_functions_config(faulty, "sfn-crash")
         stage_run(partitions, aws, MODEL, receipt)
         with pytest.raises(InvocationError, match="invocation 1 \\(part-00001\\)"):
             run_dispatch(tmp_path, receipt, aws)
+        counts = last_map_run_counts()
+        assert (counts["total"], counts["succeeded"], counts["failed"]) == (3, 2, 1)
 
 
 def test_invocation_past_its_timeout_is_reported(partitions, tmp_path):
@@ -281,8 +277,8 @@ def test_invocation_past_its_timeout_is_reported(partitions, tmp_path):
         assert "Task timed out after 1.00 seconds" in str(err.value)
 
 
-def test_step_functions_distributed_map(stack, partitions, tmp_path):
-    aws = aws_config(orchestrator="stepfunctions", prefix="sfn")
+def step_functions_config(stack, prefix: str) -> dict:
+    aws = aws_config(orchestrator="stepfunctions", prefix=prefix)
     aws["stepfunctions"] = {
         **aws["stepfunctions"],
         "role_arn": stack.create_role("cai-sfn"),
@@ -290,6 +286,21 @@ def test_step_functions_distributed_map(stack, partitions, tmp_path):
         "poll_s": 0.5,
         "max_wait_s": 300,
     }
+    return aws
+
+
+def last_map_run_counts() -> dict:
+    """Item counts of the map run of the newest execution of the state machine."""
+    sfn = boto3.client("stepfunctions")
+    machines = sfn.list_state_machines()["stateMachines"]
+    assert [m["name"] for m in machines] == ["cai-astromae"]
+    executions = sfn.list_executions(stateMachineArn=machines[0]["stateMachineArn"])
+    newest = max(executions["executions"], key=lambda e: e["startDate"])
+    return map_run_counts(sfn, newest["executionArn"])
+
+
+def test_step_functions_distributed_map(stack, partitions, tmp_path):
+    aws = step_functions_config(stack, "sfn")
     receipt = tmp_path / "staged.json"
     stage_run(partitions, aws, MODEL, receipt)
     summary = run_dispatch(tmp_path, receipt, aws)
@@ -298,16 +309,9 @@ def test_step_functions_distributed_map(stack, partitions, tmp_path):
     assert summary["cost_usd"]["stepfunctions"]["total_usd"] > 0
     records = pd.read_csv(tmp_path / "invocations.tsv", sep="\t")
     assert set(records["status"]) == {"ok"} and records["request_id"].notna().all()
-    catalogue = sorted((tmp_path / "results").glob("job-*.parquet"))
-    assert len(catalogue) == 3
-    sfn = boto3.client("stepfunctions")
-    machines = sfn.list_state_machines()["stateMachines"]
-    assert [m["name"] for m in machines] == ["cai-astromae"]
-    executions = sfn.list_executions(stateMachineArn=machines[0]["stateMachineArn"])
-    arn = executions["executions"][0]["executionArn"]
-    run = sfn.list_map_runs(executionArn=arn)["mapRuns"][0]
-    counts = sfn.describe_map_run(mapRunArn=run["mapRunArn"])["itemCounts"]
-    assert counts["total"] == 3 and counts["succeeded"] == 3 and counts["failed"] == 0
+    assert len(sorted((tmp_path / "results").glob("job-*.parquet"))) == 3
+    counts = last_map_run_counts()
+    assert (counts["total"], counts["succeeded"], counts["failed"]) == (3, 3, 0)
 
 
 def test_deploy_command_is_idempotent(stack, tmp_path):
