@@ -37,6 +37,7 @@ include: "rules/data.smk"
 include: "rules/partition.smk"
 include: "rules/inference.smk"
 include: "rules/lambda.smk"
+include: "rules/precision.smk"
 include: "rules/aggregate.smk"
 include: "rules/plots.smk"
 

@@ -117,4 +117,8 @@ def final_targets():
         f"{run}/plots/redshift_density.png",
         f"{run}/plots/partition_times.png",
         f"{run}/plots/partition_throughput.png",
+        "results/precision/{size}MB-b{batch}/precision_gate.tsv".format(
+            size=size_label(config["partition"]["size_mb"]),
+            batch=config["inference"]["batch_size"],
+        ),
     ]

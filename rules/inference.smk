@@ -17,5 +17,6 @@ rule infer:
         model=config["model"],
         device=config["inference"]["device"],
         verify_checksum=config["inference"]["verify_checksum"],
+        precision=config["inference"]["precision"],
     script:
         "../scripts/infer.py"

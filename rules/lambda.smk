@@ -59,5 +59,6 @@ rule dispatch:
         prices=config["prices"],
         failed_records=LOGS + "/dispatch-failed-invocations.tsv",
         definition=f"{workflow.basedir}/lambda/statemachine.asl.json",
+        precision=config["inference"]["precision"],
     script:
         "../scripts/dispatch.py"

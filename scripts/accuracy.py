@@ -1,6 +1,6 @@
 """Snakemake script of rule `accuracy`: the accuracy table of the catalogue."""
 
-from cai.aggregate import read_summary
+from cai.aggregate import predictions_label, read_summary
 from cai.metrics import write_accuracy_table
 from cai.workflow import run_step
 
@@ -9,6 +9,6 @@ run_step(
     lambda: write_accuracy_table(
         snakemake.input.catalogue,
         snakemake.output[0],
-        read_summary(snakemake.input.summary)["weights"],
+        predictions_label(read_summary(snakemake.input.summary)),
     ),
 )

@@ -19,5 +19,6 @@ run_step(
         snakemake.output.summary,
         snakemake.params.failed_records,
         snakemake.params.definition,
+        snakemake.params.precision,
     ),
 )

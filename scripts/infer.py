@@ -22,6 +22,7 @@ run_step(
             threads=snakemake.threads,
             backend=snakemake.wildcards.backend,
             verify_checksum=snakemake.params.verify_checksum,
+            precision=snakemake.params.precision,
         ),
         ModelConfig(depth=model["depth"], num_heads=model["num_heads"]),
         model["checkpoint"],

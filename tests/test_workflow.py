@@ -132,8 +132,14 @@ def test_outputs_are_complete_and_consistent(finished_run):
 
     for name in ("redshift_density", "partition_times", "partition_throughput"):
         assert (run / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    gate = pd.read_csv(
+        finished_run / "results/precision/0.5MB-b512/precision_gate.tsv", sep="\t"
+    )
+    assert list(gate["precision"]) == ["fp32", "bf16", "int8"]
+    assert (gate["galaxies"] == 60).all() and gate.loc[0, "max_abs_dz_pred"] == 0
     report = (finished_run / "results/report.html").read_text()
     assert "redshift_density.png" in report and "accuracy.tsv" in report
+    assert "precision_gate.tsv" in report
     for log in ("simulate.log", "partition-0.5MB.log"):
         assert "done in" in (finished_run / "results/logs" / log).read_text()
 

@@ -37,6 +37,7 @@ PARTITION_COLUMNS = [
     "device",
     "threads",
     "batch_size",
+    "precision",
     "fetch_s",
     "model_load_s",
     "read_s",
@@ -151,6 +152,7 @@ def aggregate(
         "backend": jobs[0]["backend"],
         "weights": jobs[0]["weights"],
         "batch_size": jobs[0]["batch_size"],
+        "precision": jobs[0].get("precision", "fp32"),
         "device": jobs[0]["device"],
         "partition_size_mb": manifest["partition_size_mb"],
         "partitions": len(table),
@@ -202,6 +204,14 @@ def aggregate(
         catalogue_out,
     )
     return summary
+
+
+def predictions_label(summary: dict[str, Any]) -> str:
+    """What made a run's predictions, for tables and plots: the weights, and the
+    precision when it is not the faithful fp32."""
+    precision = summary.get("precision", "fp32")
+    weights = summary["weights"]
+    return weights if precision == "fp32" else f"{weights}, {precision}"
 
 
 def read_summary(path: str | os.PathLike) -> dict[str, Any]:

@@ -82,6 +82,7 @@ def cmd_infer(args: argparse.Namespace) -> None:
         threads=args.threads,
         backend=args.backend,
         verify_checksum=not args.no_verify,
+        precision=args.precision,
     )
     run_inference(
         [PartitionRef.from_manifest(entries[p]) for p in wanted],
@@ -109,10 +110,10 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
 
 
 def cmd_metrics(args: argparse.Namespace) -> None:
-    from cai.aggregate import read_summary
+    from cai.aggregate import predictions_label, read_summary
     from cai.metrics import write_accuracy_table
 
-    weights = args.weights or read_summary(args.summary)["weights"]
+    weights = args.weights or predictions_label(read_summary(args.summary))
     table = write_accuracy_table(args.catalogue, args.out, weights)
     print(table.to_string(index=False))
 
@@ -121,6 +122,31 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from cai.convert import convert_checkpoint
 
     convert_checkpoint(args.source, args.out, args.trust_pickle, args.num_heads)
+
+
+def cmd_precision_gate(args: argparse.Namespace) -> None:
+    from cai.model import ModelConfig
+    from cai.precision import GateLimits, run_gate
+
+    rows = run_gate(
+        args.manifest,
+        args.precisions,
+        args.max_galaxies,
+        args.batch_size,
+        args.threads,
+        GateLimits(args.max_nmad_change, args.max_abs_dz),
+        args.out,
+        ModelConfig(depth=args.depth, num_heads=args.num_heads),
+        args.checkpoint,
+        args.seed,
+    )
+    for row in rows:
+        verdict = "passes" if row["passes"] else f"FAILS: {row['reason']}"
+        print(
+            f"{row['precision']:5s} {row['speedup_vs_fp32']:5.2f}x fp32, max |dz_pred| "
+            f"{row['max_abs_dz_pred']:.2e}, NMAD {100 * row['nmad_change_frac']:+.2f}%: "
+            f"{verdict}"
+        )
 
 
 def cmd_aws_deploy(args: argparse.Namespace) -> None:
@@ -204,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=1, help="torch threads")
     p.add_argument("--backend", default="local", help="label kept in every record")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "int8"],
+        default="fp32",
+        help="model arithmetic (default fp32; see `cai precision-gate`)",
+    )
     _add_model_args(p)
     p.set_defaults(func=cmd_infer)
 
@@ -249,6 +281,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-heads", type=_positive_int, default=8, help="heads (default 8)"
     )
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "precision-gate",
+        help="what bf16 and int8 change against fp32 on labelled galaxies",
+    )
+    p.add_argument("--manifest", required=True, help="manifest.json (labelled data)")
+    p.add_argument(
+        "--precisions", nargs="+", default=["fp32", "bf16", "int8"], metavar="P"
+    )
+    p.add_argument("--max-galaxies", type=_positive_int, default=2048)
+    p.add_argument("--batch-size", type=_positive_int, default=512)
+    p.add_argument("--threads", type=_positive_int, default=1, help="torch threads")
+    p.add_argument("--max-nmad-change", type=float, default=0.01, help="fraction")
+    p.add_argument("--max-abs-dz", type=float, default=1e-3)
+    p.add_argument("--out", required=True, help="output TSV")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_precision_gate)
 
     p = sub.add_parser(
         "aws-deploy",

@@ -10,6 +10,7 @@ peak RSS.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import resource
@@ -28,9 +29,10 @@ import torch
 from cai import __version__
 from cai.atomic import atomic_path, sha256_file, write_json
 from cai.errors import ChecksumError, ConfigError, DataFormatError
-from cai.formats import INPUT_BITS_PER_GALAXY, GalaxyFile, check_finite
+from cai.formats import INPUT_BITS_PER_GALAXY, GalaxyBatch, GalaxyFile, check_finite
 from cai.model import ModelConfig, create_model
 from cai.partition import PartitionRef
+from cai.precision import check_precision, prepare_model, to_model_input
 
 _logger = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ class InferenceSettings:
         threads: Torch intra-op threads (the cores given to the job).
         backend: Label of where this ran (``local``, ``slurm-cpu``, ...), kept in records.
         verify_checksum: Check each partition's sha256 against the manifest first.
+        precision: ``fp32``, ``bf16`` or ``int8`` (see :mod:`cai.precision`).
     """
 
     batch_size: int = 512
@@ -62,6 +65,7 @@ class InferenceSettings:
     threads: int = 1
     backend: str = "local"
     verify_checksum: bool = True
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -70,6 +74,7 @@ class InferenceSettings:
             raise ConfigError(f"device is {self.device!r}; expected one of {DEVICES}")
         if self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        check_precision(self.precision, self.device)
 
 
 def usable_threads(requested: int) -> int:
@@ -130,24 +135,36 @@ def _predict_partition(
         object_id = np.empty(part.rows, dtype=np.int64)
         z_pred = np.empty(part.rows, dtype=np.float32)
         z_true = np.empty(part.rows, dtype=np.float32)
-        start = 0
-        tick = time.perf_counter()
-        while start < part.rows:
+        starts = range(0, part.rows, settings.batch_size)
+
+        def read(start: int) -> GalaxyBatch:
             batch = galaxies.read(start, start + settings.batch_size)
             check_finite(batch, part.path, first_row=start)
-            stop = start + len(batch)
-            object_id[start:stop] = batch.object_id
-            z_true[start:stop] = batch.redshift
-            image = torch.from_numpy(batch.image).to(device, non_blocking=True)
-            magnitudes = torch.from_numpy(batch.magnitudes).to(
-                device, non_blocking=True
-            )
-            tock = time.perf_counter()
-            times["read_s"] += tock - tick
-            z_pred[start:stop] = model(image, magnitudes).float().cpu().numpy()
-            tick = time.perf_counter()
-            times["compute_s"] += tick - tock
-            start = stop
+            return batch
+
+        # One reader thread reads (and checks) the next batch while the model computes
+        # this one; h5py and torch both release the GIL for their heavy work.
+        with concurrent.futures.ThreadPoolExecutor(1) as reader:
+            pending = reader.submit(read, starts[0])
+            for number, start in enumerate(starts):
+                tick = time.perf_counter()
+                batch = pending.result()
+                if number + 1 < len(starts):
+                    pending = reader.submit(read, starts[number + 1])
+                stop = start + len(batch)
+                object_id[start:stop] = batch.object_id
+                z_true[start:stop] = batch.redshift
+                image, magnitudes = to_model_input(
+                    torch.from_numpy(batch.image),
+                    torch.from_numpy(batch.magnitudes),
+                    settings.precision,
+                )
+                image = image.to(device, non_blocking=True)
+                magnitudes = magnitudes.to(device, non_blocking=True)
+                tock = time.perf_counter()
+                times["read_s"] += tock - tick  # waiting for the reader, and casting
+                z_pred[start:stop] = model(image, magnitudes).float().cpu().numpy()
+                times["compute_s"] += time.perf_counter() - tock
     return object_id, z_pred, z_true, times
 
 
@@ -159,11 +176,13 @@ class LoadedModel:
         model: AstroMAE in eval mode, on the settings' device.
         weights: One-line description of the weights, kept in every record.
         load_s: Seconds the load took (0 for a model reused by a warm Lambda).
+        config: The model's shape (depth, heads).
     """
 
     model: torch.nn.Module
     weights: str
     load_s: float
+    config: ModelConfig
 
 
 def load_model(
@@ -180,8 +199,9 @@ def load_model(
         )
     tick = time.perf_counter()
     model, weights = create_model(model_config, checkpoint, seed)
-    model = model.to(settings.device)
-    return LoadedModel(model, weights, time.perf_counter() - tick)
+    config = model.config
+    model = prepare_model(model.to(settings.device), settings.precision)
+    return LoadedModel(model, weights, time.perf_counter() - tick, config)
 
 
 def run_inference(
@@ -218,10 +238,11 @@ def run_inference(
         loaded = load_model(settings, model_config, checkpoint, seed)
     model, weights, model_load_s = loaded.model, loaded.weights, loaded.load_s
     _logger.info(
-        "model: AstroMAE depth %d, %d heads, %s, loaded in %.2f s on %s (%d threads)",
-        model.config.depth,
-        model.config.num_heads,
+        "model: AstroMAE depth %d, %d heads, %s, %s, loaded in %.2f s on %s (%d threads)",
+        loaded.config.depth,
+        loaded.config.num_heads,
         weights,
+        settings.precision,
         model_load_s,
         settings.device,
         threads,
@@ -277,6 +298,7 @@ def run_inference(
                 else float("nan"),
                 "peak_rss_mb": peak_rss_mb(),
                 "batch_size": settings.batch_size,
+                "precision": settings.precision,
                 "device": settings.device,
                 "threads": threads,
                 "host": host,
@@ -308,9 +330,10 @@ def run_inference(
             "device": settings.device,
             "threads": threads,
             "batch_size": settings.batch_size,
+            "precision": settings.precision,
             "weights": weights,
-            "model_depth": model.config.depth,
-            "model_num_heads": model.config.num_heads,
+            "model_depth": loaded.config.depth,
+            "model_num_heads": loaded.config.num_heads,
             "model_load_s": model_load_s,
             "partitions": len(records),
             "rows": sum(r["rows"] for r in records),

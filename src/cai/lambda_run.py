@@ -130,6 +130,7 @@ def plan_events(
     model: Mapping[str, Any],
     batch_size: int,
     backend: str,
+    precision: str = "fp32",
 ) -> tuple[str, list[tuple[int, dict[str, Any]]]]:
     """The run's S3 prefix and one event per invocation (a job of the plan)."""
     identity = {
@@ -138,6 +139,7 @@ def plan_events(
         "depth": model["depth"],
         "num_heads": model["num_heads"],
         "batch_size": batch_size,
+        "precision": precision,
         "jobs": [[j[0], len(j)] for j in jobs],
         "logical": logical,
         "backend": backend,
@@ -169,6 +171,7 @@ def plan_events(
                         "num_heads": model["num_heads"],
                     },
                     "batch_size": batch_size,
+                    "precision": precision,
                     "backend": backend,
                 },
             )
@@ -237,6 +240,7 @@ def dispatch_run(
     summary_path: str | os.PathLike,
     failed_records_path: str | os.PathLike | None = None,
     definition_path: str | os.PathLike | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Invoke the function for every unfinished invocation; fetch and check results.
 
@@ -259,7 +263,9 @@ def dispatch_run(
             f"s3://{bucket}/{receipt['manifest_key']}: the staged manifest is gone "
             f"(receipt {receipt_path}); stage again: snakemake -R stage"
         ) from None
-    run_prefix, events = plan_events(receipt, jobs, logical, model, batch_size, backend)
+    run_prefix, events = plan_events(
+        receipt, jobs, logical, model, batch_size, backend, precision
+    )
     done = finished_invocations(s3, bucket, run_prefix)
     pending = [(n, e) for n, e in events if n not in done]
     _logger.info(

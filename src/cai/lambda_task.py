@@ -13,7 +13,7 @@ The event (built by :mod:`cai.lambda_run`; also one item of the Step Functions m
     {"invocation": 3, "bucket": "...", "run_prefix": "cai/runs/<run-id>",
      "partitions": [{"id", "key", "rows", "sha256", "source"}, ...],
      "model": {"key", "sha256", "depth", "num_heads"},
-     "batch_size": 512, "backend": "lambda"}
+     "batch_size": 512, "precision": "fp32", "backend": "lambda"}
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ def _model(event: dict[str, Any], settings: InferenceSettings, tmp: Path) -> dic
     """The event's model, from this container's memory, its /tmp, or S3 (in that order)."""
     spec = event["model"]
     timings = {"model_fetch_s": 0.0, "model_load_s": 0.0}
-    cached = _container["models"].get(spec["sha256"])
+    cache_key = (spec["sha256"], settings.precision)
+    cached = _container["models"].get(cache_key)
     if cached is None:
         # Files are named by their sha256: one baked into the image (CAI_MODEL_DIR, see
         # lambda/Dockerfile) or fetched by an earlier invocation of this container.
@@ -96,9 +97,11 @@ def _model(event: dict[str, Any], settings: InferenceSettings, tmp: Path) -> dic
             timings["model_fetch_s"] = time.perf_counter() - tick
         config = ModelConfig(depth=spec["depth"], num_heads=spec["num_heads"])
         cached = load_model(settings, config, path)
-        _container["models"] = {spec["sha256"]: cached}  # one model per container
+        _container["models"] = {cache_key: cached}  # one model per container
         timings["model_load_s"] = cached.load_s
-    loaded = LoadedModel(cached.model, cached.weights, timings["model_load_s"])
+    loaded = LoadedModel(
+        cached.model, cached.weights, timings["model_load_s"], cached.config
+    )
     return {"loaded": loaded, **timings}
 
 
@@ -119,6 +122,7 @@ def handle(event: Any, context: Any, init_s: float = 0.0) -> dict[str, Any]:
         threads=lambda_vcpus(memory_mb),
         backend=event.get("backend", "lambda"),
         verify_checksum=False,  # checked on download below
+        precision=event.get("precision", "fp32"),
     )
     tmp = Path(tempfile.gettempdir()) / "cai"
     model = _model(event, settings, tmp)

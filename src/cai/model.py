@@ -420,9 +420,12 @@ def create_model(
             f"{checkpoint}: was saved with num_heads={heads} but model.num_heads is "
             f"{config.num_heads}; set model.num_heads: {heads}"
         )
-    model = AstroMAE(config)
+    # Built without memory (meta tensors), then given the checkpoint's tensors: no time
+    # spent on a random initialisation that the checkpoint would overwrite.
+    with torch.device("meta"):
+        model = AstroMAE(config)
     check_state_dict(state, model, str(checkpoint))
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=True)
     # A checkpoint CAI saved from seeded weights (to stage them for Lambda) says so.
     return model.eval(), metadata.get(
         "weights"

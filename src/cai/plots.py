@@ -108,13 +108,13 @@ def plot_catalogue(
     """The redshift density plot of a run's catalogue, titled with its weights."""
     import pyarrow.parquet as pq
 
-    from cai.aggregate import read_summary
+    from cai.aggregate import predictions_label, read_summary
     from cai.metrics import redshift_metrics
 
     columns = pq.read_table(catalogue, columns=["z_pred", "z_true"])
     z_pred = columns["z_pred"].to_numpy()
     z_true = columns["z_true"].to_numpy()
-    weights = read_summary(summary)["weights"]
+    weights = predictions_label(read_summary(summary))
     plot_redshift_density(
         z_true, z_pred, weights, redshift_metrics(z_pred, z_true), out
     )

@@ -1,0 +1,23 @@
+# The accuracy gate of lower precisions: the same weights at fp32, bf16 and int8 on the
+# run's first labelled galaxies; what each changes against fp32, and how fast it is.
+
+
+rule precision_gate:
+    input:
+        PARTITIONS,
+    output:
+        report(
+            "results/precision/{size}MB-b{batch}/precision_gate.tsv",
+            caption="captions/precision_gate.rst",
+            category="Accuracy",
+        ),
+    log:
+        "results/logs/precision/{size}MB-b{batch}-gate.log",
+    threads: config["inference"]["threads"]
+    resources:
+        **cluster_resources("infer"),
+    params:
+        gate=config["precision_gate"],
+        model=config["model"],
+    script:
+        "../scripts/precision_gate.py"
