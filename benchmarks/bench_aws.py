@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import boto3
 import yaml
 
 from cai.dispatch import RetryPolicy, dispatch, lambda_client
@@ -58,7 +59,7 @@ def bench_dispatcher(workdir: Path, slots: int, invocations: int) -> None:
     )
     with stack:
         use_stack(stack)
-        client = lambda_client(stack.region, 60, slots)
+        client = lambda_client(boto3.session.Session(), 60, slots)
         policy = RetryPolicy(max_attempts=4, base_s=0.05, cap_s=1.0)
         warm = [(n, {"n": n}) for n in range(4 * slots)]
         dispatch(client, "cai-noop", warm, slots, policy)  # start every runtime
@@ -94,7 +95,7 @@ def bench_handler(workdir: Path) -> None:
         stage_run(workdir / "parts", aws, MODEL, workdir / "staged.json")
         receipt = read_receipt(workdir / "staged.json")
         _, events = plan_events(receipt, [[0]], 1, MODEL, 512, "lambda")
-        client = lambda_client(stack.region, 600, 1)
+        client = lambda_client(boto3.session.Session(), 600, 1)
         runs = []
         for _ in range(1 + WARM_REPEATS):
             record = dispatch(client, "cai-astromae", events, 1, RetryPolicy())[0]

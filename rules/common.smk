@@ -87,9 +87,9 @@ def get_job_outputs(kind):
     return inputs
 
 
-def cluster_resources(rule):
+def cluster_resources(rule, gpus=True):
     """SLURM resources of a rule from config `cluster`; memory and runtime double with
-    each retry (Snakemake's `attempt`)."""
+    each retry (Snakemake's `attempt`). GPUs only for `infer`, unless `gpus` is False."""
     cluster = config["cluster"]
     mem_mb, runtime = cluster["mem_mb"][rule], cluster["runtime"][rule]
     resources = {
@@ -101,7 +101,7 @@ def cluster_resources(rule):
         "slurm_account": cluster["account"],
         "constraint": cluster["constraint"],
     }
-    if rule == "infer" and cluster["gpus"]:
+    if rule == "infer" and gpus and cluster["gpus"]:
         optional.update(gpu=cluster["gpus"], gpu_model=cluster["gpu_model"])
     resources.update({k: v for k, v in optional.items() if v is not None})
     return resources

@@ -15,7 +15,8 @@ rule precision_gate:
         "results/logs/precision/{size}MB-b{batch}-gate.log",
     threads: config["inference"]["threads"]
     resources:
-        **cluster_resources("infer"),
+        # The gate runs on the CPU (int8 has no GPU kernels): no GPU held for it.
+        **cluster_resources("infer", gpus=False),
     params:
         gate=config["precision_gate"],
         model=config["model"],

@@ -250,10 +250,10 @@ def test_missing_image_is_a_clear_error(
         ("ephemeral_mb", 256, "aws.ephemeral_mb"),
         ("ephemeral_mb", 10241, "aws.ephemeral_mb"),
         ("architecture", "aarch64", "aws.architecture"),
-        ("name", "bad name", "aws.name"),
+        ("name", "bad name", "aws.function_name"),
         ("role_arn", "cai-lambda", "aws.role_arn"),
-        ("environment", {"1BAD": "x"}, "aws.environment"),
-        ("environment", {"CAI_N": 3}, "aws.environment.CAI_N"),
+        ("environment", {"1BAD": "x"}, "function environment"),
+        ("environment", {"CAI_N": 3}, "environment variable CAI_N"),
     ],
 )
 def test_bad_spec_is_a_config_error(field: str, value: Any, key: str) -> None:

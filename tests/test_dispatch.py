@@ -166,6 +166,10 @@ def test_timeout_is_retried_and_named():
     assert record["status"] == "ok" and record["attempts"] == 2
     record, _, _ = run([timeout(), timeout()], attempts=2)
     assert record["error_kind"] == "timeout"
+    # Billed in full each time: one retry only, whatever max_attempts allows.
+    record, _, client = run([timeout(), timeout(), timeout(), ok()], attempts=4)
+    assert record["status"] == "failed" and record["attempts"] == 2
+    assert client.calls == 2
 
 
 def test_data_errors_are_not_retried():
@@ -218,3 +222,17 @@ def test_dispatch_keeps_order_and_one_record_per_event():
     assert sum(r["throttles"] for r in records) == 1
     with pytest.raises(ValueError, match="concurrency"):
         dispatch(client, "fn", events, 0, RetryPolicy())
+
+
+def test_an_unforeseen_error_fails_one_invocation_not_the_run():
+    class Broken(ScriptedClient):
+        def invoke(self, **kwargs):
+            if kwargs["Payload"] == b'{"n": 3}':
+                raise KeyError("boom")
+            return super().invoke(**kwargs)
+
+    records = dispatch(
+        Broken([]), "fn", [(n, {"n": n}) for n in range(6)], 3, RetryPolicy()
+    )
+    assert [r["status"] for r in records] == ["ok"] * 3 + ["failed"] + ["ok"] * 2
+    assert records[3]["error_kind"] == "internal" and "KeyError" in records[3]["error"]

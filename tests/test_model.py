@@ -142,6 +142,19 @@ def test_untrained_weights_warn(caplog):
     assert "untrained weights" in caplog.text
 
 
+def test_half_precision_checkpoint_loads_as_fp32(tmp_path):
+    state = tsv_state_dict()
+    path = tmp_path / "half.pt"
+    torch.save(
+        {k: v.half() if v.is_floating_point() else v for k, v in state.items()}, path
+    )
+    model, _ = create_model(ModelConfig(), path)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    image, magnitudes = inputs()
+    with torch.inference_mode():
+        assert torch.isfinite(model(image, magnitudes)).all()
+
+
 def test_safetensors_round_trip(tmp_path):
     model, _ = create_model(ModelConfig(depth=2, num_heads=4), seed=9)
     path = tmp_path / "m.safetensors"

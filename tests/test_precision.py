@@ -107,6 +107,11 @@ def test_gate_arithmetic_on_known_deltas():
     with pytest.raises(ValueError, match="fp32"):
         gate({"bf16": close}, z_true, GateLimits())
 
+    overflow = fp32.copy()
+    overflow[:3] = np.nan  # what an overflow in bf16 would give
+    row = gate({"fp32": fp32, "bf16": overflow}, z_true, GateLimits(1.0, 1.0))[1]
+    assert not row["passes"] and "3 non-finite predictions" in row["reason"]
+
 
 def test_engine_records_the_precision(galaxy_file, tmp_path):
     partition_dataset(galaxy_file(30), tmp_path / "parts", 0.3)

@@ -101,7 +101,7 @@ class FunctionSpec:
             or len(self.name) > LAMBDA_NAME_MAX_CHARS
         ):
             raise ConfigError(
-                f"aws.name is {self.name!r}; expected 1 to {LAMBDA_NAME_MAX_CHARS} "
+                f"aws.function_name is {self.name!r}; expected 1 to {LAMBDA_NAME_MAX_CHARS} "
                 "letters, digits, '-' or '_'"
             )
         if not isinstance(self.image_uri, str) or not self.image_uri.strip():
@@ -138,26 +138,26 @@ class FunctionSpec:
             )
         if not isinstance(self.environment, Mapping):
             raise ConfigError(
-                f"aws.environment is {type(self.environment).__name__}; expected a mapping "
-                "of variable names to string values"
+                f"the function environment is {type(self.environment).__name__}; "
+                "expected a mapping of variable names to string values"
             )
         for key, value in self.environment.items():
             if not isinstance(key, str) or not _ENV_KEY_PATTERN.fullmatch(key):
                 raise ConfigError(
-                    f"aws.environment has the variable name {key!r}; expected a letter "
+                    f"the function environment has the variable name {key!r}; expected a letter "
                     "followed by letters, digits or '_'"
                 )
             if not isinstance(value, str):
                 raise ConfigError(
-                    f"aws.environment.{key} is {value!r}; expected a string (quote it in "
-                    "the config)"
+                    f"function environment variable {key} is {value!r}; expected a "
+                    "string (quote it in the config)"
                 )
         if (
             not isinstance(self.description, str)
             or len(self.description) > LAMBDA_DESCRIPTION_MAX_CHARS
         ):
             raise ConfigError(
-                f"aws.description is {self.description!r}; expected a string of at most "
+                f"the function description is {self.description!r}; expected a string of at most "
                 f"{LAMBDA_DESCRIPTION_MAX_CHARS} characters"
             )
         # A private copy, so that the caller's mapping cannot change a frozen spec.
@@ -267,7 +267,7 @@ def deploy_function(
             raise CaiError(
                 f"deploy {spec.name}: the function exists with PackageType {package_type}; "
                 f"an image function cannot replace it in place. Delete the function or set "
-                f"aws.name to another name"
+                f"aws.function_name to another name"
             )
         live = _live_fields(live_response)
         changes = {

@@ -42,12 +42,8 @@ from typing import Any
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import (
-    ClientError,
-    ConnectionClosedError,
-    EndpointConnectionError,
-    ReadTimeoutError,
-)
+from botocore.exceptions import ClientError, HTTPClientError, ResponseStreamingError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from cai.errors import CaiError
 
@@ -73,6 +69,9 @@ DATA_ERROR_TYPES = frozenset(
 )
 TIMEOUT_ERROR_TYPE = "Sandbox.Timedout"
 PROGRESS_EVERY_S = 10.0
+# A time-out is billed in full and likely to recur: one retry (a cold start or a slow
+# neighbour may have caused it), then the invocation is reported.
+TIMEOUT_RETRIES_MAX = 1
 BACKOFF_DOUBLINGS_MAX = 30  # 2^30 x base is past any cap; keeps the float finite
 CLIENT_READ_MARGIN_S = 60  # the client waits this long past the function's timeout
 _REPORT_FIELDS = {
@@ -114,7 +113,10 @@ class RetryPolicy:
 
 
 def lambda_client(
-    region: str | None, timeout_s: int, concurrency: int, connect_timeout_s: int = 10
+    session: boto3.session.Session,
+    timeout_s: int,
+    concurrency: int,
+    connect_timeout_s: int = 10,
 ) -> Any:
     """A Lambda client for fan-out: no botocore retries (they are counted here), a read
     timeout past the function's own, a connection per thread. The endpoint is
@@ -125,7 +127,7 @@ def lambda_client(
         connect_timeout=connect_timeout_s,
         max_pool_connections=concurrency + 4,
     )
-    return boto3.client("lambda", region_name=region, config=config)
+    return session.client("lambda", config=config)
 
 
 def parse_report(log_tail: str) -> dict[str, float]:
@@ -172,8 +174,10 @@ def invoke_one(
     policy: RetryPolicy,
     rng: random.Random | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    stop: threading.Event | None = None,
 ) -> dict[str, Any]:
-    """Invoke ``function`` with ``event`` until it succeeds or retrying is pointless.
+    """Invoke ``function`` with ``event`` until it succeeds or retrying is pointless
+    (or ``stop`` is set: the run is being cancelled).
 
     Returns the invocation's record (``status`` ok or failed); never raises for an
     invocation failure.
@@ -194,6 +198,7 @@ def invoke_one(
         "error": None,
     }
     failures = 0  # failed attempts that count against max_attempts (not throttles)
+    timeouts = 0
     for attempt in itertools.count(1):
         record["attempts"] = attempt
         tick = time.perf_counter()
@@ -207,11 +212,7 @@ def invoke_one(
             kind, retryable = _classify_client_error(err)
             record["error_type"] = err.response.get("Error", {}).get("Code")
             record["error"] = str(err)
-        except (
-            EndpointConnectionError,
-            ConnectionClosedError,
-            ReadTimeoutError,
-        ) as err:
+        except (BotoConnectionError, HTTPClientError, ResponseStreamingError) as err:
             kind, retryable = "network", True
             record["error_type"], record["error"] = type(err).__name__, str(err)
         round_trip_ms = (time.perf_counter() - tick) * 1000
@@ -239,10 +240,13 @@ def invoke_one(
             record["throttles"] += 1
         else:
             failures += 1
+        timeouts += kind == "timeout"
         if (
             not retryable
             or failures >= policy.max_attempts
             or record["throttles"] > policy.max_throttles
+            or timeouts > TIMEOUT_RETRIES_MAX
+            or (stop is not None and stop.is_set())
         ):
             break
         record["retries"] += 1
@@ -301,6 +305,25 @@ def _fill_success(
     record["summary"] = summary
 
 
+def _not_run(number: int, error: str, kind: str = "cancelled") -> dict[str, Any]:
+    """The record of an invocation that never got an answer."""
+    now = time.time()
+    return {
+        "invocation": number,
+        "status": "failed",
+        "attempts": 0,
+        "throttles": 0,
+        "retries": 0,
+        "requests": 0,
+        "billed_ms": 0.0,
+        "started_at": now,
+        "ended_at": now,
+        "error_kind": kind,
+        "error_type": kind,
+        "error": error,
+    }
+
+
 def dispatch(
     client: Any,
     function: str,
@@ -321,9 +344,18 @@ def dispatch(
     lock = threading.Lock()
     done = {"n": 0, "failed": 0, "throttles": 0, "last_log": started}
 
+    stop = threading.Event()
+
     def one(item: tuple[int, dict[str, Any]], rng: random.Random) -> dict[str, Any]:
         number, event = item
-        record = invoke_one(client, function, number, event, policy, rng)
+        if stop.is_set():
+            return _not_run(number, "cancelled before it started")
+        try:
+            record = invoke_one(client, function, number, event, policy, rng, stop=stop)
+        except (
+            Exception
+        ) as err:  # a bug or an unforeseen error: keep the others' records
+            record = _not_run(number, f"{type(err).__name__}: {err}", "internal")
         with lock:
             done["n"] += 1
             done["failed"] += record["status"] != "ok"
@@ -343,8 +375,15 @@ def dispatch(
         return record
 
     rngs = [random.Random(rng_seed.random()) for _ in events]
-    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(concurrency)
+    try:
         records = list(pool.map(one, events, rngs))
+    except BaseException:
+        # Cancelled (SIGTERM, Ctrl-C): invoke nothing more, let running calls return.
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
     seconds = time.perf_counter() - started
     _logger.info(
         "dispatch: %d invocations of %s in %.1f s (%.1f/s, concurrency %d): %d ok, "

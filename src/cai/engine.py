@@ -143,7 +143,8 @@ def _predict_partition(
             return batch
 
         # One reader thread reads (and checks) the next batch while the model computes
-        # this one; h5py and torch both release the GIL for their heavy work.
+        # this one: torch releases the GIL while it computes, so the read overlaps.
+        # read_s is then what the model waited for its input (and the cast).
         with concurrent.futures.ThreadPoolExecutor(1) as reader:
             pending = reader.submit(read, starts[0])
             for number, start in enumerate(starts):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,12 +21,16 @@ from typing import Any
 
 import boto3
 import pandas as pd
+from botocore.config import Config
+from botocore.exceptions import ClientError
 
+from cai import __version__
 from cai.atomic import atomic_path, write_json
 from cai.dispatch import InvocationError, RetryPolicy, dispatch, lambda_client
 from cai.errors import ConfigError
 from cai.model import ModelConfig, create_model, save_checkpoint
 from cai.staging import (
+    TRANSFER_THREADS,
     StagingError,
     ensure_bucket,
     fetch_results,
@@ -81,6 +86,13 @@ def aws_session(aws: Mapping[str, Any]) -> boto3.session.Session:
     return session
 
 
+def s3_client(session: boto3.session.Session, concurrency: int) -> Any:
+    """An S3 client with a connection for each transfer thread (``concurrency`` files
+    at once, each in up to :data:`TRANSFER_THREADS` parts)."""
+    pool = concurrency * TRANSFER_THREADS + 4
+    return session.client("s3", config=Config(max_pool_connections=pool))
+
+
 def bucket_name(aws: Mapping[str, Any], session: boto3.session.Session) -> str:
     """``aws.bucket``, or ``cai-<account id>-<region>`` when it is null."""
     if aws.get("bucket"):
@@ -114,7 +126,7 @@ def stage_run(
 ) -> dict[str, Any]:
     """Stage a partition set and the model to S3 (see :mod:`cai.staging`)."""
     session = aws_session(aws)
-    s3 = session.client("s3")
+    s3 = s3_client(session, aws["concurrency"])
     bucket = bucket_name(aws, session)
     ensure_bucket(s3, bucket, aws["create_bucket"], session.region_name)
     path = model_file(model, Path(receipt_path).parent)
@@ -134,6 +146,7 @@ def plan_events(
 ) -> tuple[str, list[tuple[int, dict[str, Any]]]]:
     """The run's S3 prefix and one event per invocation (a job of the plan)."""
     identity = {
+        "code": __version__,  # results of another CAI version are not reused
         "data": receipt["data_id"],
         "model": receipt["model"]["sha256"],
         "depth": model["depth"],
@@ -187,11 +200,9 @@ def finished_invocations(s3: Any, bucket: str, run_prefix: str) -> set[int]:
         keys.update(item["Key"] for item in page.get("Contents", []))
     done = set()
     for key in keys:
-        name = key.rsplit("/", 1)[-1]
-        if name.startswith("inv-") and name.endswith(".json"):
-            number = int(name[4:-5])
-            if result_keys(run_prefix, number)[0] in keys:
-                done.add(number)
+        match = re.fullmatch(r"inv-(\d+)\.json", key.rsplit("/", 1)[-1])
+        if match and result_keys(run_prefix, int(match.group(1)))[0] in keys:
+            done.add(int(match.group(1)))
     return done
 
 
@@ -216,7 +227,9 @@ def write_records(path: str | os.PathLike, records: Sequence[dict[str, Any]]) ->
 def _failure_message(failed: Sequence[dict[str, Any]], total: int) -> str:
     lines = [
         f"invocation {r['invocation']} ({r['partitions']}): {r['error_kind']} "
-        f"{r['error_type']} after {r['attempts']} attempts: {r['error']}"
+        f"{r['error_type']}"
+        + (f" after {r['attempts']} attempts" if r["attempts"] is not None else "")
+        + f": {r['error']}"
         for r in failed[:10]
     ]
     more = f"; and {len(failed) - 10} more" if len(failed) > 10 else ""
@@ -254,11 +267,13 @@ def dispatch_run(
     wall = time.perf_counter()
     receipt = read_receipt(receipt_path)
     session = aws_session(aws)
-    s3 = session.client("s3")
+    s3 = s3_client(session, aws["concurrency"])
     bucket = receipt["bucket"]
     try:
         s3.head_object(Bucket=bucket, Key=receipt["manifest_key"])
-    except Exception:
+    except ClientError as err:
+        if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 404:
+            raise
         raise StagingError(
             f"s3://{bucket}/{receipt['manifest_key']}: the staged manifest is gone "
             f"(receipt {receipt_path}); stage again: snakemake -R stage"
@@ -280,6 +295,11 @@ def dispatch_run(
         aws["function_name"],
         aws["orchestrator"],
     )
+    if precision == "int8" and aws["architecture"] == "arm64":
+        raise ConfigError(
+            "inference.precision int8 needs PyTorch's x86 quantized kernels but "
+            "aws.architecture is arm64; use bf16 or fp32, or an x86_64 function"
+        )
     records: list[dict[str, Any]] = []
     if pending:
         if aws["orchestrator"] == "stepfunctions":
@@ -294,9 +314,7 @@ def dispatch_run(
                 session, aws, bucket, run_prefix, pending, definition_path
             )
         else:
-            client = lambda_client(
-                session.region_name, aws["timeout_s"], aws["concurrency"]
-            )
+            client = lambda_client(session, aws["timeout_s"], aws["concurrency"])
             policy = RetryPolicy(
                 aws["max_attempts"],
                 aws["backoff_base_s"],
@@ -327,6 +345,8 @@ def dispatch_run(
         if failed_records_path:
             write_records(failed_records_path, records)
         raise InvocationError(_failure_message(failed, len(records)))
+    if failed_records_path:  # a report of an earlier failed attempt is out of date
+        Path(failed_records_path).unlink(missing_ok=True)
 
     tick = time.perf_counter()
     fetched = fetch_results(
@@ -357,13 +377,16 @@ def dispatch_run(
     )
     # S3 requests of this run, counted from what the handlers and this step do: per
     # invocation a HEAD and GET per partition and per cold model fetch, two PUTs;
-    # per result fetched two HEADs and two GETs; one LIST per 1,000 result keys.
+    # per result fetched two HEADs and two GETs; LISTs (priced as PUTs) of 1,000
+    # result keys each; the Step Functions item list.
     partitions_run = sum(len(r["partitions"].split()) for r in ran)
     colds = sum(bool(r["cold"]) for r in ran)
-    gets = 2 * partitions_run + 2 * colds + 4 * len(events) + len(events) // 500 + 1
-    s3_usd = s3_cost(puts=2 * len(ran), gets=gets, prices=price)
+    gets = 2 * partitions_run + 2 * colds + 4 * len(events)
+    puts = 2 * len(ran) + len(events) // 500 + 1
+    stepfunctions = aws["orchestrator"] == "stepfunctions"
+    s3_usd = s3_cost(puts=puts + stepfunctions, gets=gets, prices=price)
     sfn_usd = None
-    if aws["orchestrator"] == "stepfunctions" and ran:
+    if stepfunctions and ran:
         # Per item: the child execution's start, the task's enter and exit, its end.
         sfn_usd = stepfunctions_cost(
             SFN_TRANSITIONS_PER_ITEM * len(ran) + SFN_TRANSITIONS_PER_RUN, price
@@ -377,9 +400,12 @@ def dispatch_run(
         "invocations": len(records),
         "invoked": len(ran),
         "skipped": len(done),
-        "attempts": sum(r["attempts"] or 0 for r in ran),
-        "retries": sum(r["retries"] or 0 for r in ran),
-        "throttled_attempts": sum(r["throttles"] or 0 for r in ran),
+        # Step Functions retries inside the state machine: not counted per item.
+        "attempts": None if stepfunctions else sum(r["attempts"] for r in ran),
+        "retries": None if stepfunctions else sum(r["retries"] for r in ran),
+        "throttled_attempts": None
+        if stepfunctions
+        else sum(r["throttles"] for r in ran),
         "cold_starts": colds,
         "started_at": started,
         "dispatch_s": tick - wall,
@@ -398,13 +424,19 @@ def dispatch_run(
         "cost_note": (
             "from this run's billed records (skipped invocations were billed in the "
             "run that made them); S3 requests counted from the steps' own calls"
+            + (
+                "; a lower bound with Step Functions: retries inside the state "
+                "machine are not billed here"
+                if stepfunctions
+                else ""
+            )
         ),
     }
     write_json(summary_path, summary)
     _logger.info(
         "dispatch: done in %.1f s (invoke %.1f s, fetch and check %.1f s, %.1f MiB): "
-        "%d invoked, %d skipped, %d retries, %d throttled, %d cold; billed %.1f s, "
-        "cost $%.4f (Lambda $%.4f, S3 $%.4f)",
+        "%d invoked, %d skipped, %s retries, %s throttled, %d cold; billed %.1f s, "
+        "cost $%.4f (Lambda $%.4f, S3 $%.4f, Step Functions $%.4f)",
         time.perf_counter() - wall,
         tick - wall,
         fetch_s,
@@ -418,6 +450,7 @@ def dispatch_run(
         summary["cost_usd"]["total"],
         lambda_usd["total_usd"],
         s3_usd["total_usd"],
+        sfn_usd["total_usd"] if sfn_usd else 0.0,
     )
     return summary
 

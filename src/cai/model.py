@@ -425,6 +425,13 @@ def create_model(
     with torch.device("meta"):
         model = AstroMAE(config)
     check_state_dict(state, model, str(checkpoint))
+    # Assigned tensors keep their dtype: a half-precision checkpoint becomes fp32
+    # here, as the model is defined (inference.precision chooses the arithmetic).
+    expected = model.state_dict()
+    state = {
+        key: value.to(expected[key].dtype) if value.is_floating_point() else value
+        for key, value in state.items()
+    }
     model.load_state_dict(state, strict=True, assign=True)
     # A checkpoint CAI saved from seeded weights (to stage them for Lambda) says so.
     return model.eval(), metadata.get(

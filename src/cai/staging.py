@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
 
-from cai.atomic import sha256_file, write_json
+from cai.atomic import atomic_path, sha256_file, write_json
 from cai.errors import CaiError, ChecksumError, DataFormatError
 from cai.partition import PartitionRef, read_manifest
 
@@ -48,6 +48,7 @@ _logger = logging.getLogger(__name__)
 
 MIB = 1 << 20
 MULTIPART_CHUNK_BYTES = 16 * MIB  # S3 allows 5 MiB..5 GiB parts; 16 MiB: few requests
+TRANSFER_THREADS = 4  # parts of one multipart upload in flight at once
 CHECKSUM_METADATA = "sha256"  # x-amz-meta-sha256 on every object CAI writes
 RESULTS = "results"
 
@@ -105,6 +106,10 @@ def ensure_bucket(s3: Any, bucket: str, create: bool, region: str) -> None:
     _logger.info("stage: created bucket %s in %s", bucket, region)
 
 
+def _status(err: ClientError) -> int:
+    return err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+
+
 def _remote_sha256(s3: Any, bucket: str, key: str) -> str | None:
     """The sha256 an object was staged with, or None when there is no such object."""
     try:
@@ -142,7 +147,7 @@ def upload_files(
     config = TransferConfig(
         multipart_threshold=MULTIPART_CHUNK_BYTES,
         multipart_chunksize=MULTIPART_CHUNK_BYTES,
-        max_concurrency=4,
+        max_concurrency=TRANSFER_THREADS,
     )
 
     def one(item: Upload) -> tuple[bool, int]:
@@ -298,19 +303,26 @@ def staged_partitions(
 def download_checked(
     s3: Any, bucket: str, key: str, dest: str | os.PathLike, sha256: str | None = None
 ) -> None:
-    """Download one object; check it against ``sha256`` (or its staged checksum)."""
+    """Download one object; check it against ``sha256`` (or its staged checksum).
+
+    ``dest`` appears only when the check passed (written under a temporary name).
+    """
     try:
         head = s3.head_object(Bucket=bucket, Key=key)
     except ClientError as err:
+        if _status(err) not in (403, 404):
+            raise  # throttling, 5xx: not the object's fault, worth a retry
         code = err.response.get("Error", {}).get("Code")
         raise StagingError(f"s3://{bucket}/{key}: cannot be read ({code})") from None
     expected = sha256 or head.get("Metadata", {}).get(CHECKSUM_METADATA)
-    s3.download_file(bucket, key, str(dest))
-    if expected and sha256_file(dest) != expected:
-        raise ChecksumError(
-            f"s3://{bucket}/{key}: sha256 {sha256_file(dest)} differs from {expected}; "
-            "the object is corrupt or was overwritten: delete it and rerun"
-        )
+    with atomic_path(dest) as tmp:
+        s3.download_file(bucket, key, str(tmp))
+        actual = sha256_file(tmp)
+        if expected and actual != expected:
+            raise ChecksumError(
+                f"s3://{bucket}/{key}: sha256 {actual} differs from {expected}; the "
+                "object is corrupt or was overwritten: delete it and rerun"
+            )
 
 
 def fetch_results(
@@ -370,6 +382,12 @@ def fetch_results(
     return total
 
 
+def local_name(entry: dict[str, Any]) -> str:
+    """File name of a staged partition once downloaded: its checksum, so that copies of
+    other data sets or of a rewritten object can never be mistaken for it."""
+    return entry["sha256"] + Path(entry["key"]).suffix
+
+
 def partition_refs_from_event(
     entries: Sequence[dict[str, Any]], local_dir: str | os.PathLike
 ) -> list[PartitionRef]:
@@ -377,7 +395,7 @@ def partition_refs_from_event(
     return [
         PartitionRef(
             e["id"],
-            str(Path(local_dir) / Path(e["key"]).name),
+            str(Path(local_dir) / local_name(e)),
             int(e["rows"]),
             e.get("sha256"),
             e.get("source"),

@@ -15,8 +15,11 @@ Functions may report SUCCEEDED although items failed.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,6 +32,8 @@ from cai.staging import result_keys
 
 _logger = logging.getLogger(__name__)
 
+RESULT_READERS = 16  # metrics objects read at once after the run
+EXPRESS_MAX_S = 300  # an EXPRESS child workflow runs 5 minutes at most
 TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED"})
 ITEM_COUNT_KEYS = ("total", "succeeded", "failed", "timedOut", "aborted", "pending")
 
@@ -137,6 +142,7 @@ def record_from_metrics(number: int, metrics: Mapping[str, Any]) -> dict[str, An
     info = job.get("lambda", {})
     records = metrics["partitions"]
     duration = info.get("duration_ms")
+    init_ms = 1000 * info.get("init_s", 0.0)
     return {
         "invocation": number,
         "status": "ok",
@@ -150,10 +156,14 @@ def record_from_metrics(number: int, metrics: Mapping[str, Any]) -> dict[str, An
         "ended_at": job["ended_at"],
         "round_trip_ms": None,
         "duration_ms": duration,
-        "billed_ms": float(round(duration)) if duration is not None else None,
+        # Billed like the boto3 path's handler figures: rounded up to the millisecond,
+        # a container image's init included.
+        "billed_ms": float(math.ceil(duration + init_ms))
+        if duration is not None
+        else None,
         "memory_mb": info.get("memory_limit_mb"),
         "max_memory_mb": job.get("peak_rss_mb"),
-        "init_ms": 1000 * info.get("init_s", 0.0),
+        "init_ms": init_ms,
         "report_source": "handler",
         "summary": {
             "model_fetch_s": info.get("model_fetch_s"),
@@ -175,6 +185,12 @@ def run_distributed_map(
 ) -> list[dict[str, Any]]:
     """Run the pending invocations as one Distributed Map; one record per invocation."""
     sfn_config = aws["stepfunctions"]
+    if sfn_config["execution_type"] == "EXPRESS" and aws["timeout_s"] > EXPRESS_MAX_S:
+        raise ConfigError(
+            f"aws.stepfunctions.execution_type EXPRESS runs a child for at most "
+            f"{EXPRESS_MAX_S} s but aws.timeout_s is {aws['timeout_s']}; lower it or "
+            "use STANDARD"
+        )
     if not sfn_config["role_arn"]:
         raise ConfigError(
             "aws.orchestrator is 'stepfunctions' but aws.stepfunctions.role_arn is "
@@ -182,10 +198,11 @@ def run_distributed_map(
         )
     s3 = session.client("s3")
     sfn = session.client("stepfunctions")
-    account = session.client("sts").get_caller_identity()["Account"]
+    identity = session.client("sts").get_caller_identity()
+    partition = identity["Arn"].split(":")[1]  # aws, aws-cn, aws-us-gov
     function_arn = (
-        f"arn:aws:lambda:{session.region_name}:{account}:function:"
-        f"{aws['function_name']}"
+        f"arn:{partition}:lambda:{session.region_name}:{identity['Account']}:"
+        f"function:{aws['function_name']}"
     )
     definition = render_definition(template_path, function_arn, aws)
     try:
@@ -221,9 +238,15 @@ def run_distributed_map(
         len(pending),
         sfn_config["max_concurrency"],
     )
-    execution = wait_for(
-        sfn, execution_arn, sfn_config["poll_s"], sfn_config["max_wait_s"]
-    )
+    try:
+        execution = wait_for(
+            sfn, execution_arn, sfn_config["poll_s"], sfn_config["max_wait_s"]
+        )
+    except BaseException:
+        # Cancelled here (SIGTERM, Ctrl-C): stop the run in AWS too, or it goes on.
+        with contextlib.suppress(ClientError):
+            sfn.stop_execution(executionArn=execution_arn, cause="cai: cancelled")
+        raise
     counts = map_run_counts(sfn, execution_arn)
     output = json.loads(execution.get("output") or "{}")
     failures = written_failures(s3, output if isinstance(output, dict) else {})
@@ -233,15 +256,20 @@ def run_distributed_map(
         time.perf_counter() - started,
         ", ".join(f"{k} {v}" for k, v in counts.items()),
     )
-    records = []
-    for number, _ in pending:
-        metrics_key = result_keys(run_prefix, number)[1]
+
+    def metrics_of(number: int) -> dict[str, Any] | None:
+        key = result_keys(run_prefix, number)[1]
         try:
-            metrics = json.loads(
-                s3.get_object(Bucket=bucket, Key=metrics_key)["Body"].read()
-            )
-        except ClientError:
-            metrics = None
+            return json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+        except ClientError as err:
+            if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return None
+            raise
+
+    with concurrent.futures.ThreadPoolExecutor(RESULT_READERS) as pool:
+        found = list(pool.map(metrics_of, [number for number, _ in pending]))
+    records = []
+    for (number, _), metrics in zip(pending, found, strict=True):
         if metrics is not None:
             records.append(record_from_metrics(number, metrics))
             continue
@@ -258,9 +286,10 @@ def run_distributed_map(
                 "error_type": "ItemFailed",
                 "error": failures.get(
                     number,
-                    f"no result at s3://{bucket}/{metrics_key}; the map run counted "
-                    f"{counts['failed']} failed and {counts['timedOut']} timed-out "
-                    f"items (execution {execution_arn}, {execution['status']})",
+                    f"no result at s3://{bucket}/{result_keys(run_prefix, number)[1]}; "
+                    f"the map run counted {counts['failed']} failed and "
+                    f"{counts['timedOut']} timed-out items (execution {execution_arn}, "
+                    f"{execution['status']})",
                 ),
             }
         )
