@@ -89,7 +89,8 @@ def get_job_outputs(kind):
 
 def cluster_resources(rule, gpus=True):
     """SLURM resources of a rule from config `cluster`; memory and runtime double with
-    each retry (Snakemake's `attempt`). GPUs only for `infer`, unless `gpus` is False."""
+    each retry (Snakemake's `attempt`). GPUs only for `infer`, unless `gpus` is False.
+    """
     cluster = config["cluster"]
     mem_mb, runtime = cluster["mem_mb"][rule], cluster["runtime"][rule]
     resources = {
