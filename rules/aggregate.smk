@@ -16,7 +16,7 @@ rule aggregate:
     resources:
         **cluster_resources("aggregate"),
     params:
-        logical=lambda wildcards: plan_of(wildcards.size).logical,
+        logical=lambda wildcards: plan_of(wildcards).logical,
     script:
         "../scripts/aggregate.py"
 

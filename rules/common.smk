@@ -1,17 +1,23 @@
 # Shared names, the plan and input functions. The plan (partitions and inference jobs)
 # is computed from the config before anything runs, so --dry-run shows every job.
+#
+# A run is one inference pass: a backend (an entry of config `backends`), a data size
+# ("dataset": the stored data once, or "<x>GB"), a partition size, a batch size and a
+# repeat. The default target builds the run the config describes; the experiment
+# (rules/experiment.smk) builds many.
 
 import functools
 
-from cai.workflow import run_plan
+from cai.experiment import RunKey, experiment_runs, parse_data_label
+from cai.workflow import backend_settings, run_plan
 
 DATASET = {
     "synthetic": "results/data/synthetic.h5",
     "pt": "results/data/imported.h5",
 }[config["data"]["source"]]
 PARTITIONS = "results/partitions/{size}MB"
-RUN = "results/{backend}/{size}MB-b{batch}"
-LOGS = "results/logs/{backend}/{size}MB-b{batch}"
+RUN = "results/{backend}/{data}/{size}MB-b{batch}/r{repeat}"
+LOGS = "results/logs/{backend}/{data}/{size}MB-b{batch}/r{repeat}"
 
 
 wildcard_constraints:
@@ -19,6 +25,8 @@ wildcard_constraints:
     batch=r"\d+",
     job=r"\d{5}",
     backend=r"[a-z0-9][a-z0-9-]*",
+    data=r"dataset|\d+(\.\d+)?GB",
+    repeat=r"\d+",
 
 
 localrules:
@@ -26,6 +34,7 @@ localrules:
     accuracy,
     plot_redshift,
     plot_partitions,
+    infer_local,
 
 
 def size_label(size_mb):
@@ -33,31 +42,75 @@ def size_label(size_mb):
     return f"{float(size_mb):g}"
 
 
-def run_dir():
-    """The folder of the configured run: results/<backend>/<size>MB-b<batch>."""
-    return RUN.format(
+def configured_run():
+    """The run the config describes (inference.backend, data.size_gb, ...)."""
+    return RunKey(
         backend=config["inference"]["backend"],
-        size=size_label(config["partition"]["size_mb"]),
-        batch=config["inference"]["batch_size"],
+        data_gb=config["data"]["size_gb"],
+        partition_mb=float(config["partition"]["size_mb"]),
+        batch_size=config["inference"]["batch_size"],
+        repeat=1,
+    )
+
+
+def run_dir():
+    """The folder of the configured run."""
+    return configured_run().path()
+
+
+@functools.cache
+def settings_of(backend):
+    """Settings of a backend: its `backends` entry over the inference defaults."""
+    return backend_settings(config, backend)
+
+
+@functools.cache
+def _plan(size, data, backend):
+    return run_plan(config, float(size), parse_data_label(data), backend)
+
+
+def run_key(wildcards):
+    """The run a job belongs to."""
+    return RunKey(
+        wildcards.backend,
+        parse_data_label(wildcards.data),
+        float(wildcards.size),
+        int(wildcards.batch),
+        int(wildcards.repeat),
     )
 
 
 @functools.cache
-def plan_of(size):
-    """The plan (partitions, jobs) of a run at partition size `size`; computed once per
-    size, as every inference job's params ask for it (and `pt` data is counted by
-    opening its files)."""
-    return run_plan(config, float(size))
+def _previous_runs():
+    runs = experiment_runs(config)
+    return dict(zip(runs[1:], runs[:-1]))
+
+
+def after_previous_run(wildcards):
+    """Input function of a run's first jobs: with experiment.one_run_at_a_time, an
+    experiment's runs start one after the other (each waits for the summary of the
+    run before it), so no run's times include another run's load."""
+    if not config["experiment"]["one_run_at_a_time"]:
+        return []
+    previous = _previous_runs().get(run_key(wildcards))
+    return [previous.path() + "/summary.json"] if previous else []
+
+
+def plan_of(wildcards):
+    """The plan (partitions, jobs) of a run; computed once per partition size, data
+    size and backend, as every inference job's params ask for it (and `pt` data is
+    counted by opening its files)."""
+    return _plan(wildcards.size, wildcards.data, wildcards.backend)
 
 
 def get_job_partitions(wildcards):
     """Logical partition indices that inference job `wildcards.job` predicts."""
-    return list(plan_of(wildcards.size).job_partitions(int(wildcards.job)))
+    return list(plan_of(wildcards).job_partitions(int(wildcards.job)))
 
 
 def get_plan_jobs(wildcards):
     """Logical partition indices of every job of a run (Lambda: one per invocation)."""
-    plan = plan_of(wildcards.size)
+    plan = plan_of(wildcards)
     return [list(plan.job_partitions(job)) for job in range(plan.jobs)]
 
 
@@ -70,17 +123,15 @@ def deploy_receipt():
 
 def get_job_outputs(kind):
     """Input function: every inference job's predictions or metrics of a run; for the
-    Lambda backend, the folder where rule dispatch puts them."""
+    Lambda backends, the folder where rule dispatch puts them."""
 
     def inputs(wildcards):
-        if wildcards.backend == "lambda":
+        if settings_of(wildcards.backend)["kind"] == "lambda":
             return [RUN.format(**wildcards) + "/lambda/results"]
         return expand(
             RUN + "/jobs/job-{job}.{ext}",
-            backend=wildcards.backend,
-            size=wildcards.size,
-            batch=wildcards.batch,
-            job=[f"{job:05d}" for job in range(plan_of(wildcards.size).jobs)],
+            **wildcards,
+            job=[f"{job:05d}" for job in range(plan_of(wildcards).jobs)],
             ext={"predictions": "parquet", "metrics": "json"}[kind],
         )
 
@@ -89,7 +140,8 @@ def get_job_outputs(kind):
 
 def cluster_resources(rule, gpus=True):
     """SLURM resources of a rule from config `cluster`; memory and runtime double with
-    each retry (Snakemake's `attempt`). GPUs only for `infer`, unless `gpus` is False.
+    each retry (Snakemake's `attempt`). GPUs only for `infer` of a backend that asks
+    for them (its `gpus`), unless `gpus` is False.
     """
     cluster = config["cluster"]
     mem_mb, runtime = cluster["mem_mb"][rule], cluster["runtime"][rule]
@@ -102,8 +154,13 @@ def cluster_resources(rule, gpus=True):
         "slurm_account": cluster["account"],
         "constraint": cluster["constraint"],
     }
-    if rule == "infer" and gpus and cluster["gpus"]:
-        optional.update(gpu=cluster["gpus"], gpu_model=cluster["gpu_model"])
+    if rule == "infer" and gpus:
+        if any(settings_of(b)["gpus"] for b in config["backends"]):
+            optional["gpu"] = lambda wildcards: settings_of(wildcards.backend)["gpus"]
+        if cluster["gpu_model"]:
+            optional["gpu_model"] = lambda wildcards: (
+                cluster["gpu_model"] if settings_of(wildcards.backend)["gpus"] else ""
+            )
     resources.update({k: v for k, v in optional.items() if v is not None})
     return resources
 

@@ -41,6 +41,7 @@ rule dispatch:
     input:
         receipt=LAMBDA + "/staged/{size}MB.json",
         deployed=deploy_receipt(),
+        after=after_previous_run,
     output:
         results=directory(RUN + "/lambda/results"),
         records=report(
@@ -51,9 +52,14 @@ rule dispatch:
         summary=RUN + "/lambda/dispatch.json",
     log:
         LOGS + "/dispatch.log",
+    wildcard_constraints:
+        backend="|".join(
+            b for b, e in config["backends"].items() if e["kind"] == "lambda"
+        )
+        or "(?!)",
     params:
         jobs=get_plan_jobs,
-        logical=lambda wildcards: plan_of(wildcards.size).logical,
+        logical=lambda wildcards: plan_of(wildcards).logical,
         aws=config["aws"],
         model=config["model"],
         prices=config["prices"],

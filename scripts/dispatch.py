@@ -20,5 +20,6 @@ run_step(
         snakemake.params.failed_records,
         snakemake.params.definition,
         snakemake.params.precision,
+        int(snakemake.wildcards.repeat),
     ),
 )

@@ -1,13 +1,16 @@
-"""Snakemake script of rule `infer`: one inference job over its partitions."""
+"""Snakemake script of rules `infer` and `infer_local`: one inference job over its
+partitions."""
 
 from cai.engine import InferenceSettings, run_inference
 from cai.model import ModelConfig
-from cai.workflow import job_partitions, run_step
+from cai.workflow import check_backend_placement, job_partitions, run_step
 
 model = snakemake.params.model
-run_step(
-    snakemake,
-    lambda: run_inference(
+
+
+def infer():
+    check_backend_placement(snakemake.params.kind, snakemake.wildcards.backend)
+    return run_inference(
         job_partitions(
             snakemake.input[0],
             snakemake.params.partitions,
@@ -27,5 +30,7 @@ run_step(
         ModelConfig(depth=model["depth"], num_heads=model["num_heads"]),
         model["checkpoint"],
         model["seed"],
-    ),
-)
+    )
+
+
+run_step(snakemake, infer)

@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 DEFAULTS = yaml.safe_load((REPO / "config/config.yaml").read_text())
 MODEL = {"checkpoint": None, "depth": 12, "num_heads": 8, "seed": 0}
-LAMBDA_RUN = Path("results/lambda/0.5MB-b512")
-LOCAL_RUN = Path("results/local/0.5MB-b512")
+LAMBDA_RUN = Path("results/lambda/dataset/0.5MB-b512/r1")
+LOCAL_RUN = Path("results/local/dataset/0.5MB-b512/r1")
 
 pytestmark = pytest.mark.aws
 

@@ -5,7 +5,12 @@ import pytest
 from cai.errors import ConfigError
 from cai.partition import planned_partitions
 from cai.plan import Plan, logical_partitions, make_plan
-from cai.workflow import coerce_cli_values, run_plan
+from cai.workflow import (
+    backend_settings,
+    check_backend_placement,
+    coerce_cli_values,
+    run_plan,
+)
 
 
 def test_stored_data_once_is_one_logical_partition_per_file():
@@ -83,11 +88,64 @@ def test_run_plan_from_config_names_the_keys_on_error():
             "size_gb": None,
         },
         "partition": {"size_mb": 25},
-        "inference": {"partitions_per_job": 1, "max_jobs": 1000},
+        "inference": {
+            "backend": "local",
+            "device": "cpu",
+            "threads": 2,
+            "partitions_per_job": 1,
+            "max_jobs": 1000,
+        },
+        "cluster": {"gpus": 0},
+        "backends": {
+            "local": {"kind": "local"},
+            "lambda": {"kind": "lambda", "max_jobs": 100000},
+        },
     }
     assert run_plan(config).logical == 4  # 5,000 galaxies of 1,278 a partition
     with pytest.raises(ConfigError, match=r"partition\.size_mb"):
         run_plan(config, size_mb=0.001)
+    # 1 TB at 100 MB: 954 local jobs of up to 11 partitions, one invocation each on
+    # the Lambda backend (its max_jobs).
+    assert run_plan(config, 100, 1024).jobs == 954
+    assert run_plan(config, 100, 1024, "lambda").jobs == 10486
+    with pytest.raises(ConfigError, match=r"backend 'slurm' is not configured"):
+        run_plan(config, backend="slurm")
+
+
+def test_backend_settings_override_the_inference_defaults():
+    config = {
+        "inference": {
+            "device": "cpu",
+            "threads": 2,
+            "partitions_per_job": 1,
+            "max_jobs": 1000,
+        },
+        "cluster": {"gpus": 0},
+        "backends": {
+            "gpu": {"kind": "slurm", "device": "cuda", "gpus": 1, "threads": 4},
+            "laptop": {"kind": "local", "gpus": 2},
+        },
+    }
+    gpu = backend_settings(config, "gpu")
+    assert gpu == {
+        "device": "cuda",
+        "threads": 4,
+        "partitions_per_job": 1,
+        "max_jobs": 1000,
+        "gpus": 1,
+        "kind": "slurm",
+        "name": "gpu",
+    }
+    assert backend_settings(config, "laptop")["gpus"] == 0  # GPUs only on SLURM
+
+
+def test_slurm_backend_outside_slurm_is_refused(monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    with pytest.raises(ConfigError, match=r"'slurm-cpu' is a SLURM backend.*profiles"):
+        check_backend_placement("slurm", "slurm-cpu")
+    check_backend_placement("local", "local")
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    check_backend_placement("slurm", "slurm-cpu")
 
 
 def test_cli_strings_get_the_types_the_schema_expects():

@@ -126,7 +126,7 @@ def sacct(since: str) -> list[dict[str, str]]:
 
 
 def job_files(workdir: Path, backend: str) -> dict[str, int]:
-    jobs = workdir / f"results/{backend}/0.5MB-b512/jobs"
+    jobs = workdir / f"results/{backend}/dataset/0.5MB-b512/r1/jobs"
     return (
         {p.name: p.stat().st_mtime_ns for p in jobs.iterdir()} if jobs.exists() else {}
     )
@@ -135,7 +135,7 @@ def job_files(workdir: Path, backend: str) -> dict[str, int]:
 def test_tiny_workflow_on_slurm_matches_local_and_uses_arrays(slurm, tmp_path):
     since = time.strftime("%Y-%m-%dT%H:%M:%S")
     check(run(tmp_path))
-    slurm_run = tmp_path / "results/slurm-cpu/0.5MB-b512"
+    slurm_run = tmp_path / "results/slurm-cpu/dataset/0.5MB-b512/r1"
     for name in (
         "catalogue.parquet",
         "partition_metrics.tsv",
@@ -154,7 +154,9 @@ def test_tiny_workflow_on_slurm_matches_local_and_uses_arrays(slurm, tmp_path):
 
     # The same inputs and weights through the local backend: the same predictions.
     check(run(tmp_path, profile=False))
-    local = pq.read_table(tmp_path / "results/local/0.5MB-b512/catalogue.parquet")
+    local = pq.read_table(
+        tmp_path / "results/local/dataset/0.5MB-b512/r1/catalogue.parquet"
+    )
     remote = pq.read_table(slurm_run / "catalogue.parquet")
     assert remote["object_id"].to_pylist() == local["object_id"].to_pylist()
     np.testing.assert_allclose(
@@ -178,7 +180,7 @@ def test_failing_partition_is_retried_with_more_memory_then_named(slurm, tmp_pat
     # would be one more failed job.
     result = run(tmp_path, "--keep-going", "--until", "aggregate")
     assert result.returncode != 0
-    log = tmp_path / "results/logs/slurm-cpu/0.5MB-b512/infer-job-00001.log"
+    log = tmp_path / "results/logs/slurm-cpu/dataset/0.5MB-b512/r1/infer-job-00001.log"
     assert "ChecksumError" in log.read_text() and "part-00001.h5" in log.read_text()
     assert "infer-job-00001.log" in result.stderr
 
@@ -218,8 +220,10 @@ def test_job_killed_at_its_time_limit_is_reported_as_timeout(slurm, tmp_path):
     assert [j["State"] for j in sacct(since)] == ["TIMEOUT"]
     # SLURM sent SIGTERM before the kill: the job unwound and left no file, not even
     # its temporary
-    assert not list((tmp_path / "results/slurm-cpu/200MB-b512/jobs").glob("*"))
-    log = tmp_path / "results/logs/slurm-cpu/200MB-b512/infer-job-00000.log"
+    assert not list(
+        (tmp_path / "results/slurm-cpu/dataset/200MB-b512/r1/jobs").glob("*")
+    )
+    log = tmp_path / "results/logs/slurm-cpu/dataset/200MB-b512/r1/infer-job-00000.log"
     assert "received SIGTERM" in log.read_text()
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -25,7 +26,7 @@ TINY = {
     "data": {"synthetic": {"n_galaxies": 60, "seed": 7}},
     "partition": {"size_mb": 0.5},  # 25 galaxies a partition: 25, 25, 10
 }
-RUN = Path("results/local/0.5MB-b512")
+RUN = Path("results/local/dataset/0.5MB-b512/r1")
 JOB_IDS = ["00000", "00001", "00002"]
 
 pytestmark = pytest.mark.workflow
@@ -72,7 +73,7 @@ def finished_run(tmp_path_factory):
 
 def test_dry_run_lists_every_job_and_runs_none(tmp_path):
     result = check(snakemake(tmp_path, "--dry-run"))
-    assert "infer                  3" in result.stdout
+    assert re.search(r"^infer_local\s+3$", result.stdout, re.MULTILINE)
     for rule in ("simulate", "partition", "aggregate", "accuracy", "plot_redshift"):
         assert rule in result.stdout
     assert not (tmp_path / "results").exists()
@@ -165,7 +166,9 @@ def test_failing_partition_leaves_others_intact_and_rerun_redoes_only_it(tmp_pat
 
     result = snakemake(tmp_path, "--keep-going")
     assert result.returncode != 0
-    log = (tmp_path / "results/logs/local/0.5MB-b512/infer-job-00001.log").read_text()
+    log = (
+        tmp_path / "results/logs/local/dataset/0.5MB-b512/r1/infer-job-00001.log"
+    ).read_text()
     assert "part-00001.h5" in log and "ChecksumError" in log
     done = job_files(tmp_path)
     assert sorted(done) == sorted(
@@ -192,7 +195,7 @@ def test_killed_run_resumes_with_only_the_unfinished_partitions(tmp_path):
     )
     # Kill once one job has finished and Snakemake has started the next one, so the
     # finished job is recorded as complete and the next is cut off mid-way.
-    logs = tmp_path / "results/logs/local/0.5MB-b512"
+    logs = tmp_path / "results/logs/local/dataset/0.5MB-b512/r1"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not (
         any(name.endswith(".json") for name in job_files(tmp_path))

@@ -205,6 +205,50 @@ def load_model(
     return LoadedModel(model, weights, time.perf_counter() - tick, config)
 
 
+def process_start_time() -> float | None:
+    """When this process started (Unix time), from /proc; None where there is none.
+    A job's time then counts its interpreter start and imports (seconds for torch)."""
+    try:
+        with open("/proc/self/stat") as fh:
+            # Field 22, after the parenthesised command name: start in clock ticks
+            # since boot.
+            ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as fh:
+            boot = next(int(line.split()[1]) for line in fh if line.startswith("btime"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def slurm_submit_time(job_id: str) -> float | None:
+    """When SLURM job ``job_id`` was submitted (Unix time), from ``scontrol``; None,
+    with a warning, when it cannot be asked (the run's end-to-end time then starts at
+    the first job's start, without its queue wait)."""
+    import datetime
+    import subprocess
+
+    try:
+        shown = subprocess.run(
+            ["scontrol", "show", "job", "--oneliner", job_id],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        stamp = next(
+            f.split("=", 1)[1] for f in shown.split() if f.startswith("SubmitTime=")
+        )
+        return datetime.datetime.fromisoformat(stamp).timestamp()
+    except (OSError, subprocess.SubprocessError, StopIteration, ValueError) as err:
+        _logger.warning(
+            "SLURM job %s: submit time unknown (%s): the run's end-to-end time will "
+            "leave out its queue wait",
+            job_id,
+            err,
+        )
+        return None
+
+
 def run_inference(
     partitions: Sequence[PartitionRef],
     predictions_path: str | os.PathLike,
@@ -328,6 +372,8 @@ def run_inference(
             "host": host,
             "slurm_job_id": slurm_job,
             "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
+            "submitted_at": slurm_submit_time(slurm_job) if slurm_job else None,
+            "process_started_at": process_start_time(),
             "device": settings.device,
             "threads": threads,
             "batch_size": settings.batch_size,

@@ -143,8 +143,10 @@ def plan_events(
     batch_size: int,
     backend: str,
     precision: str = "fp32",
+    repeat: int = 1,
 ) -> tuple[str, list[tuple[int, dict[str, Any]]]]:
-    """The run's S3 prefix and one event per invocation (a job of the plan)."""
+    """The run's S3 prefix and one event per invocation (a job of the plan). Each
+    repeat of a run has its own prefix, so a repeat invokes the function again."""
     identity = {
         "code": __version__,  # results of another CAI version are not reused
         "data": receipt["data_id"],
@@ -156,6 +158,7 @@ def plan_events(
         "jobs": [[j[0], len(j)] for j in jobs],
         "logical": logical,
         "backend": backend,
+        "repeat": repeat,
     }
     size = f"{float(receipt['partition_size_mb']):g}MB"
     run_prefix = "/".join(
@@ -254,6 +257,7 @@ def dispatch_run(
     failed_records_path: str | os.PathLike | None = None,
     definition_path: str | os.PathLike | None = None,
     precision: str = "fp32",
+    repeat: int = 1,
 ) -> dict[str, Any]:
     """Invoke the function for every unfinished invocation; fetch and check results.
 
@@ -279,7 +283,7 @@ def dispatch_run(
             f"(receipt {receipt_path}); stage again: snakemake -R stage"
         ) from None
     run_prefix, events = plan_events(
-        receipt, jobs, logical, model, batch_size, backend, precision
+        receipt, jobs, logical, model, batch_size, backend, precision, repeat
     )
     done = finished_invocations(s3, bucket, run_prefix)
     pending = [(n, e) for n, e in events if n not in done]
@@ -381,6 +385,17 @@ def dispatch_run(
     # result keys each; the Step Functions item list.
     partitions_run = sum(len(r["partitions"].split()) for r in ran)
     colds = sum(bool(r["cold"]) for r in ran)
+    # The longest cold start of the run: runtime init, then the model's fetch and load.
+    cold_start_s = max(
+        (
+            (r["init_ms"] or 0) / 1000
+            + (r["model_fetch_s"] or 0)
+            + (r["model_load_s"] or 0)
+            for r in ran
+            if r["cold"]
+        ),
+        default=0.0,
+    )
     gets = 2 * partitions_run + 2 * colds + 4 * len(events)
     puts = 2 * len(ran) + len(events) // 500 + 1
     stepfunctions = aws["orchestrator"] == "stepfunctions"
@@ -407,6 +422,7 @@ def dispatch_run(
         if stepfunctions
         else sum(r["throttles"] for r in ran),
         "cold_starts": colds,
+        "cold_start_s": cold_start_s,
         "started_at": started,
         "dispatch_s": tick - wall,
         "fetch_s": fetch_s,

@@ -86,21 +86,65 @@ def partition_total(config: dict[str, Any]) -> int:
     return partition_count(dataset_rows(config), size_mb)
 
 
-def run_plan(config: dict[str, Any], size_mb: float | None = None) -> Plan:
-    """The plan of the configured run (at partition size ``size_mb``, default config's)."""
+BACKEND_KINDS = ("local", "slurm", "lambda")
+# Keys of inference (and cluster.gpus) that a backend entry may override.
+BACKEND_OVERRIDES = ("device", "threads", "partitions_per_job", "max_jobs", "gpus")
+
+
+def backend_settings(config: dict[str, Any], name: str) -> dict[str, Any]:
+    """Settings of backend ``name``: its entry of ``backends`` over the defaults of
+    ``inference`` (device, threads, partitions_per_job, max_jobs) and ``cluster.gpus``.
+    """
+    backends = config["backends"]
+    if name not in backends:
+        raise ConfigError(
+            f"backend {name!r} is not configured; config `backends` has "
+            f"{', '.join(sorted(backends))}: add an entry or pick one of those"
+        )
+    entry = backends[name]
+    settings = {key: config["inference"][key] for key in BACKEND_OVERRIDES[:-1]}
+    settings["gpus"] = config["cluster"]["gpus"]
+    settings.update({k: v for k, v in entry.items() if k in BACKEND_OVERRIDES})
+    settings["kind"] = entry["kind"]
+    settings["name"] = name
+    if settings["kind"] != "slurm" and settings["gpus"]:
+        settings["gpus"] = 0
+    return settings
+
+
+def run_plan(
+    config: dict[str, Any],
+    size_mb: float | None = None,
+    data_gb: float | None = None,
+    backend: str | None = None,
+) -> Plan:
+    """The plan of a run at partition size ``size_mb`` over ``data_gb`` GiB (None: the
+    stored data once) on ``backend`` (its partitions_per_job and max_jobs); each
+    defaults to the configured run's."""
     size_mb = config["partition"]["size_mb"] if size_mb is None else size_mb
     physical = partition_total({**config, "partition": {"size_mb": size_mb}})
-    inference = config["inference"]
+    settings = backend_settings(config, backend or config["inference"]["backend"])
     try:
         return make_plan(
             physical,
             size_mb,
-            config["data"]["size_gb"],
-            inference["partitions_per_job"],
-            inference["max_jobs"],
+            data_gb,
+            settings["partitions_per_job"],
+            settings["max_jobs"],
         )
     except ValueError as err:
-        raise ConfigError(f"data.size_gb / inference: {err}") from None
+        raise ConfigError(f"data size / backend {settings['name']}: {err}") from None
+
+
+def check_backend_placement(kind: str, backend: str) -> None:
+    """Refuse to label a run with a SLURM backend when it does not run in SLURM: its
+    times would be filed under the wrong backend in every comparison."""
+    if kind == "slurm" and not os.environ.get("SLURM_JOB_ID"):
+        raise ConfigError(
+            f"backend {backend!r} is a SLURM backend but this job is not running in a "
+            "SLURM job (no SLURM_JOB_ID): run snakemake with --profile profiles/slurm "
+            "(or profiles/slurm-gpu)"
+        )
 
 
 def _stop_on_sigterm(signum: int, frame: Any) -> None:
