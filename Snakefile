@@ -40,6 +40,7 @@ include: "rules/lambda.smk"
 include: "rules/precision.smk"
 include: "rules/aggregate.smk"
 include: "rules/plots.smk"
+include: "rules/experiment.smk"
 
 
 rule all:

@@ -33,7 +33,7 @@ LAMBDA_FREE_EPHEMERAL_MB = 512  # /tmp up to 512 MB is included in the compute p
 LAMBDA_ARCHITECTURES = ("x86_64", "arm64")
 PRICES_KEY = "prices"
 # Optional descriptive keys of the prices section; never used in arithmetic.
-PRICE_METADATA_KEYS = ("source", "date", "region")
+PRICE_METADATA_KEYS = ("source", "date", "region", "sources")
 
 # The paper's Lambda cost table: price per GB-s as the paper wrote it (USD), and per
 # partition size (MB): requests, duration per request (s), memory (GB), cost (USD).
