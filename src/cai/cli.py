@@ -172,6 +172,54 @@ def cmd_aws_deploy(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    import math
+
+    import yaml
+
+    from cai.cost import PRICES_KEY, Prices
+    from cai.errors import ConfigError
+    from cai.experiment import read_runs
+    from cai.planner import (
+        PLANNER_KEY,
+        REQUIRED_COLUMNS,
+        Assumptions,
+        calibrate,
+        format_table,
+        plan_table,
+        recommend,
+        write_table,
+    )
+
+    try:
+        with open(args.config) as fh:
+            config = yaml.safe_load(fh) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"--config {args.config}: file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--config {args.config}: not valid YAML ({err})") from None
+    if not isinstance(config, dict) or PRICES_KEY not in config:
+        raise ConfigError(f"--config {args.config}: has no {PRICES_KEY!r} section")
+    assumptions = Assumptions.from_config(config.get(PLANNER_KEY))
+    prices = Prices.from_config(config[PRICES_KEY])
+    cal = calibrate(read_runs(args.runs, REQUIRED_COLUMNS), assumptions, args.precision)
+    data_gbs = args.data_gb or list(assumptions.data_gb)
+    table = plan_table(cal, assumptions, prices, data_gbs)
+    if args.out:
+        write_table(table, args.out)
+    print(format_table(table))
+    for data_gb in data_gbs:
+        best = recommend(table, data_gb, args.time_budget_s, args.cost_budget_usd)
+        memory = (
+            "" if math.isnan(best["memory_mb"]) else f" at {best['memory_mb']:.0f} MB"
+        )
+        print(
+            f"{data_gb:g} GB: {best['backend']} (batch {best['batch_size']}), "
+            f"{best['partition_mb']:g} MB partitions{memory}: {best['time_s']:,.1f} s, "
+            f"${best['cost_usd']:,.4f} ({best['reason']}; {best['cost_basis']})"
+        )
+
+
 def cmd_local_aws(args: argparse.Namespace) -> int:
     from cai.localaws import run
 
@@ -319,6 +367,41 @@ def build_parser() -> argparse.ArgumentParser:
         "--receipt", default="results/lambda/deploy/receipt.json", help="output JSON"
     )
     p.set_defaults(func=cmd_aws_deploy)
+
+    p = sub.add_parser(
+        "plan",
+        help="predict time and cost of data sizes per backend from measured runs",
+        description="Fits a time model to the measured runs (the experiment's runs "
+        "table), predicts every backend x partition size x Lambda memory for each "
+        "data size, and recommends the cheapest option within --time-budget-s, the "
+        "fastest within --cost-budget-usd, or the cheapest overall. Reads the "
+        "'planner' and 'prices' sections of --config.",
+    )
+    p.add_argument("--runs", required=True, help="runs table (CSV, TSV or Parquet)")
+    p.add_argument(
+        "--data-gb",
+        type=float,
+        nargs="+",
+        metavar="X",
+        help="data sizes to plan, GiB (default: planner.data_gb of --config)",
+    )
+    p.add_argument(
+        "--config",
+        default="config/config.yaml",
+        help="config file with planner: and prices: (default config/config.yaml)",
+    )
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--time-budget-s", type=float, help="cheapest option finishing within S s"
+    )
+    budget.add_argument(
+        "--cost-budget-usd", type=float, help="fastest option costing at most C USD"
+    )
+    p.add_argument(
+        "--precision", help="plan from runs of this precision (when runs mix them)"
+    )
+    p.add_argument("--out", help="output TSV of every option")
+    p.set_defaults(func=cmd_plan)
 
     from cai.localaws import build_parser as local_aws_parser
 
