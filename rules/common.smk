@@ -81,19 +81,37 @@ def run_key(wildcards):
 
 
 @functools.cache
+def experiment_keys():
+    """The experiment's runs in the order they run, planned from config."""
+    return tuple(experiment_runs(config))
+
+
+@functools.cache
 def _previous_runs():
-    runs = experiment_runs(config)
+    runs = experiment_keys()
     return dict(zip(runs[1:], runs[:-1]))
 
 
 def after_previous_run(wildcards):
     """Input function of a run's first jobs: with experiment.one_run_at_a_time, an
-    experiment's runs start one after the other (each waits for the summary of the
-    run before it), so no run's times include another run's load."""
-    if not config["experiment"]["one_run_at_a_time"]:
+    experiment's runs start one after the other (each waits for the summary of the run
+    before it, and the first for every partition set and upload of the experiment), so
+    no run's times include another run's load. `ancient`: a redone run does not make
+    the runs after it stale."""
+    key = run_key(wildcards)
+    if not config["experiment"]["one_run_at_a_time"] or key == configured_run():
         return []
-    previous = _previous_runs().get(run_key(wildcards))
-    return [previous.path() + "/summary.json"] if previous else []
+    if key in _previous_runs():
+        return [ancient(_previous_runs()[key].path() + "/summary.json")]
+    if key not in experiment_keys():
+        return []
+    sizes = {size_label(run.partition_mb) for run in experiment_keys()}
+    staged = any(
+        settings_of(run.backend)["kind"] == "lambda" for run in experiment_keys()
+    )
+    return [ancient(PARTITIONS.format(size=size)) for size in sorted(sizes)] + [
+        ancient(f"results/lambda/staged/{size}MB.json") for size in sorted(sizes)
+    ] * staged
 
 
 def plan_of(wildcards):

@@ -23,12 +23,6 @@ localrules:
     planner_check,
 
 
-@functools.cache
-def experiment_keys():
-    """The experiment's runs, planned from config before anything runs."""
-    return tuple(experiment_runs(config))
-
-
 def experiment_dispatches():
     """Lambda runs of the experiment and their dispatch summaries."""
     return {
@@ -45,7 +39,9 @@ rule experiment:
             EXPERIMENT + "/figures/{figure}.{ext}", figure=FIGURES, ext=["png", "pdf"]
         ),
         EXPERIMENT + "/plan.tsv",
-        EXPERIMENT + "/planner_check.tsv",
+        # The planner's check needs the data sizes to hold out (experiment.planner_check).
+        [EXPERIMENT + "/planner_check.tsv"]
+        * bool(config["experiment"].get("planner_check")),
 
 
 rule experiment_table:
@@ -101,9 +97,14 @@ rule plan:
     input:
         EXPERIMENT + "/runs.parquet",
     output:
-        report(
+        table=report(
             EXPERIMENT + "/plan.tsv",
             caption="captions/plan.rst",
+            category="Experiment",
+        ),
+        recommended=report(
+            EXPERIMENT + "/plan_recommended.tsv",
+            caption="captions/plan_recommended.rst",
             category="Experiment",
         ),
     log:

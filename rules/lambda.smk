@@ -60,11 +60,8 @@ rule dispatch:
     params:
         jobs=get_plan_jobs,
         logical=lambda wildcards: plan_of(wildcards).logical,
-        aws=config["aws"],
         model=config["model"],
-        prices=config["prices"],
         failed_records=LOGS + "/dispatch-failed-invocations.tsv",
-        definition=f"{workflow.basedir}/lambda/statemachine.asl.json",
         precision=config["inference"]["precision"],
     script:
         "../scripts/dispatch.py"

@@ -58,10 +58,20 @@ def test_runs_of_overlapping_sweeps_are_counted_once():
     # scaling 3 backends x 3 sizes; partitions adds lambda at 0.5 MB (3); batch adds
     # batch 16 on local and lambda (2); two repeats each.
     assert len(runs) == (9 + 3 + 2) * 2
-    assert len(set(runs)) == len(runs) and runs == sorted(runs)
+    assert len(set(runs)) == len(runs)
+    # All of the first repeat, then all of the second.
+    assert [r.repeat for r in runs] == [1] * 14 + [2] * 14
+    assert runs[:14] == sorted(runs[:14])
     assert RunKey("lambda", 0.008, 0.5, 64, 2) in runs
     assert RunKey("local", 0.004, 1.0, 16, 1) in runs
     assert RunKey("local", 0.008, 1.0, 16, 1) not in runs
+
+
+def test_data_size_that_does_not_survive_its_label_is_refused():
+    config = experiment_config("ci")
+    config["experiment"]["sweeps"][0]["data_gb"] = [0.0012345678]
+    with pytest.raises(ConfigError, match=r"0\.0012345678 GB .* '0\.00123457GB'"):
+        experiment_runs(config)
 
 
 def test_unknown_backend_in_a_sweep_names_it():
@@ -317,14 +327,17 @@ def test_ci_experiment_has_every_run_figure_and_report(ci_experiment):
     series = json.loads((out / "figures/figures.json").read_text())
     assert series["time_vs_data_size"] == ["lambda", "local", "slurm-cpu"]
     assert series["lambda_time_vs_data_size"] == ["0.5 MB", "1 MB"]
-    assert series["throughput_vs_batch_size"] == ["lambda", "local"]
+    # slurm-cpu ran one batch size: a single point.
+    assert series["throughput_vs_batch_size"] == ["lambda", "local", "slurm-cpu"]
     assert series["extension"] == []
     for name in series:
         for ext in ("png", "pdf"):
             assert (out / f"figures/{name}.{ext}").stat().st_size > 1000
 
     report = (ci_experiment / "results/report.html").read_text()
-    for name in ("runs.csv", "plan.tsv", "planner_check.tsv", *series):
+    for name in ("runs.csv", "plan.tsv", "plan_recommended.tsv", "planner_check.tsv"):
+        assert name in report, name
+    for name in series:
         assert name in report, name
 
 
@@ -345,3 +358,8 @@ def test_planner_predicts_held_out_data_sizes_within_25_percent(ci_experiment):
     plan = pd.read_csv(ci_experiment / "results/experiments/ci/plan.tsv", sep="\t")
     assert set(plan["backend"]) == {"local", "slurm-cpu", "lambda"}
     assert (plan["time_s"] > 0).all()
+    best = pd.read_csv(
+        ci_experiment / "results/experiments/ci/plan_recommended.tsv", sep="\t"
+    )
+    assert list(best["data_gb"]) == [0.008, 0.1]
+    assert best["reason"].str.startswith("cheapest").all()

@@ -40,8 +40,9 @@ EXPECTED = {
         "local 1 MB",
         "slurm-cpu 1 MB",
     ],
-    # local costs $0: not drawn on the log cost axis (0.01 to 128 GiB spans decades)
-    "cost_vs_data_size": ["lambda", "slurm-cpu"],
+    # Below the 100 GiB extension the costs span less than 1.5 decades: a linear
+    # axis, where local's $0 is drawn.
+    "cost_vs_data_size": ["lambda", "local", "slurm-cpu"],
     "extension": ["lambda", "slurm-cpu"],
 }
 
@@ -74,6 +75,7 @@ def _run(backend: str, data_gb: float, partition_mb: float, batch: int, repeat: 
         "storage_shared": partitions > 4,
         "invocations": partitions if kind == "lambda" else 1,
         "threads": 4,
+        "slots": 2.0 if kind == "lambda" else float("nan"),
         "memory_mb": 3072.0 if kind == "lambda" else float("nan"),
         "cold_start_s": 0.0 if kind == "lambda" else float("nan"),
         "end_to_end_s": end_to_end,

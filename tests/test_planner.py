@@ -198,7 +198,8 @@ def test_hpc_and_local_costs(cal, prices: Prices) -> None:
     assert cpu["startup_s"] == 30
     gpu = predict(cal, ASSUME, prices, 10, "slurm-gpu", 50)
     gpu_hours = gpu["partitions"] * (gpu["partition_s"] + 4.0) / 3600
-    assert gpu["cost_usd"] == pytest.approx(gpu_hours * 2.5, rel=1e-12)
+    # The GPU and the job's 4 cores.
+    assert gpu["cost_usd"] == pytest.approx(gpu_hours * (2.5 + 4 * 0.05), rel=1e-12)
     assert gpu["waves"] == math.ceil(gpu["partitions"] / 4)
     local = predict(cal, ASSUME, prices, 10, "local", 50)
     assert (local["cost_usd"], local["cost_basis"]) == (0.0, "own machine")

@@ -173,34 +173,48 @@ def cmd_aws_deploy(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    import math
-
     import yaml
 
     from cai.cost import PRICES_KEY, Prices
     from cai.errors import ConfigError
     from cai.experiment import read_runs
     from cai.planner import (
+        BUDGET_KEYS,
         PLANNER_KEY,
         REQUIRED_COLUMNS,
         Assumptions,
         calibrate,
+        describe_recommendation,
         format_table,
         plan_table,
-        recommend,
+        recommendations,
         write_table,
     )
 
-    try:
-        with open(args.config) as fh:
-            config = yaml.safe_load(fh) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"--config {args.config}: file not found") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--config {args.config}: not valid YAML ({err})") from None
-    if not isinstance(config, dict) or PRICES_KEY not in config:
-        raise ConfigError(f"--config {args.config}: has no {PRICES_KEY!r} section")
-    assumptions = Assumptions.from_config(config.get(PLANNER_KEY))
+    # Several files merge as Snakemake merges config files: later ones win, key by key.
+    config: dict = {}
+    for path in args.config:
+        try:
+            with open(path) as fh:
+                loaded = yaml.safe_load(fh) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"--config {path}: file not found") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--config {path}: not valid YAML ({err})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config {path}: expected a mapping of sections")
+        for section, value in loaded.items():
+            if isinstance(value, dict) and isinstance(config.get(section), dict):
+                config[section] = {**config[section], **value}
+            else:
+                config[section] = value
+    if PRICES_KEY not in config:
+        raise ConfigError(
+            f"--config {' '.join(args.config)}: has no {PRICES_KEY!r} section"
+        )
+    planner = dict(config.get(PLANNER_KEY) or {})
+    budgets = {key: planner.pop(key, None) for key in BUDGET_KEYS}
+    assumptions = Assumptions.from_config(planner)
     prices = Prices.from_config(config[PRICES_KEY])
     cal = calibrate(read_runs(args.runs, REQUIRED_COLUMNS), assumptions, args.precision)
     data_gbs = args.data_gb or list(assumptions.data_gb)
@@ -208,16 +222,13 @@ def cmd_plan(args: argparse.Namespace) -> None:
     if args.out:
         write_table(table, args.out)
     print(format_table(table))
-    for data_gb in data_gbs:
-        best = recommend(table, data_gb, args.time_budget_s, args.cost_budget_usd)
-        memory = (
-            "" if math.isnan(best["memory_mb"]) else f" at {best['memory_mb']:.0f} MB"
-        )
-        print(
-            f"{data_gb:g} GB: {best['backend']} (batch {best['batch_size']}), "
-            f"{best['partition_mb']:g} MB partitions{memory}: {best['time_s']:,.1f} s, "
-            f"${best['cost_usd']:,.4f} ({best['reason']}; {best['cost_basis']})"
-        )
+    if args.time_budget_s is None and args.cost_budget_usd is None:
+        time_budget, cost_budget = budgets["time_budget_s"], budgets["cost_budget_usd"]
+    else:
+        time_budget, cost_budget = args.time_budget_s, args.cost_budget_usd
+    best = recommendations(table, data_gbs, time_budget, cost_budget)
+    for _, row in best.iterrows():
+        print(describe_recommendation(row))
 
 
 def cmd_local_aws(args: argparse.Namespace) -> int:
@@ -374,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fits a time model to the measured runs (the experiment's runs "
         "table), predicts every backend x partition size x Lambda memory for each "
         "data size, and recommends the cheapest option within --time-budget-s, the "
-        "fastest within --cost-budget-usd, or the cheapest overall. Reads the "
+        "fastest within --cost-budget-usd (default: planner.time_budget_s or "
+        "planner.cost_budget_usd of --config), or the cheapest overall. Reads the "
         "'planner' and 'prices' sections of --config.",
     )
     p.add_argument("--runs", required=True, help="runs table (CSV, TSV or Parquet)")
@@ -387,8 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--config",
-        default="config/config.yaml",
-        help="config file with planner: and prices: (default config/config.yaml)",
+        nargs="+",
+        default=["config/config.yaml"],
+        help="config files with planner: and prices:, later ones merged over earlier "
+        "(default config/config.yaml; e.g. config/config.yaml "
+        "config/experiments/paper.yaml)",
     )
     budget = p.add_mutually_exclusive_group()
     budget.add_argument(

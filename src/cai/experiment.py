@@ -18,6 +18,7 @@ import itertools
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -75,7 +76,9 @@ def parse_data_label(label: str) -> float | None:
 
 
 def experiment_runs(config: Mapping[str, Any]) -> list[RunKey]:
-    """Every run of the configured experiment, sorted, each once.
+    """Every run of the configured experiment, each once, in the order they run: all
+    of the first repeat, then all of the second, ... (so that repeats of one setting
+    are apart, and each sweep of the settings starts as cold as the first).
 
     Raises:
         ConfigError: a sweep names a backend that config ``backends`` lacks.
@@ -98,8 +101,19 @@ def experiment_runs(config: Mapping[str, Any]) -> list[RunKey]:
             sweep["batch_size"],
             range(1, experiment["repeats"] + 1),
         ):
-            runs.add(RunKey(backend, float(data_gb), float(size), int(batch), repeat))
-    return sorted(runs)
+            key = RunKey(backend, float(data_gb), float(size), int(batch), repeat)
+            label = key.data_label
+            if (
+                not re.fullmatch(r"\d+(\.\d+)?GB", label)
+                or parse_data_label(label) != key.data_gb
+            ):
+                raise ConfigError(
+                    f"experiment.sweeps[{number}] ({sweep['name']}): data size "
+                    f"{data_gb} GB does not survive its folder label "
+                    f"{key.data_label!r}; give it with at most 6 significant digits"
+                )
+            runs.add(key)
+    return sorted(runs, key=lambda run: (run.repeat, run))
 
 
 def _read_json(path: str | Path, what: str) -> dict[str, Any]:
@@ -149,6 +163,7 @@ def run_row(
         "storage_shared": summary["storage_shared"],
         "invocations": summary["jobs"],
         "threads": summary.get("threads", settings["threads"]),
+        "slots": math.nan,
         "memory_mb": math.nan,
         "cold_start_s": math.nan,
         "end_to_end_s": summary["end_to_end_s"],
@@ -171,8 +186,25 @@ def run_row(
         # First invocation sent to last result in: the dispatcher's invoke phase.
         row["end_to_end_s"] = dispatch["dispatch_s"]
         row["invocations"] = dispatch["invocations"]
+        row["slots"] = float(dispatch.get("concurrency", math.nan))
+        memory_mb = dispatch.get("memory_mb", memory_mb)
         row["memory_mb"] = float(memory_mb) if memory_mb is not None else math.nan
         row["cold_start_s"] = dispatch.get("cold_start_s", math.nan)
+        if dispatch.get("skipped"):
+            # Only part of the run was invoked this time: its time is no measurement.
+            row["end_to_end_s"] = math.nan
+            _logger.warning(
+                "run %s: %d of %d invocations were reused from an earlier dispatch, so "
+                "its end-to-end time and throughput are left empty (NaN) in the table "
+                "and the planner ignores it; to measure it, delete its results under "
+                "s3://%s/%s/ and its folder %s, then run again",
+                row["run"],
+                dispatch["skipped"],
+                dispatch["invocations"],
+                dispatch.get("bucket", "?"),
+                dispatch.get("run_prefix", "?"),
+                key.path(),
+            )
         row["lambda_gb_s"] = dispatch["cost_usd"]["lambda"]["gb_s"]
         row["cost_usd"] = dispatch["cost_usd"]["total"]
         row["cost_basis"] = (
@@ -206,6 +238,17 @@ def run_row(
     return {name: row[name] for name in RUN_COLUMNS}
 
 
+def _run_row_checked(path: str | Path, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """:func:`run_row`, with a key missing from a summary named with its file."""
+    try:
+        return run_row(*args, **kwargs)
+    except KeyError as err:
+        raise DataFormatError(
+            f"{path}: key {err} missing; expected a run summary of rule aggregate "
+            "(and a Lambda dispatch summary of rule dispatch)"
+        ) from None
+
+
 def runs_table(
     keys: Sequence[RunKey],
     summaries: Sequence[str | Path],
@@ -234,7 +277,8 @@ def runs_table(
         if key in dispatches:
             dispatch = _read_json(dispatches[key], "Lambda dispatch summary")
         rows.append(
-            run_row(
+            _run_row_checked(
+                path,
                 key,
                 summary,
                 backends[key.backend],

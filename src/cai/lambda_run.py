@@ -143,10 +143,11 @@ def plan_events(
     batch_size: int,
     backend: str,
     precision: str = "fp32",
-    repeat: int = 1,
+    run_label: str = "",
 ) -> tuple[str, list[tuple[int, dict[str, Any]]]]:
-    """The run's S3 prefix and one event per invocation (a job of the plan). Each
-    repeat of a run has its own prefix, so a repeat invokes the function again."""
+    """The run's S3 prefix and one event per invocation (a job of the plan). Each run
+    folder (``run_label``: data size, partition size, batch, repeat) has its own
+    prefix, so every run, each repeat included, invokes the function itself."""
     identity = {
         "code": __version__,  # results of another CAI version are not reused
         "data": receipt["data_id"],
@@ -158,7 +159,7 @@ def plan_events(
         "jobs": [[j[0], len(j)] for j in jobs],
         "logical": logical,
         "backend": backend,
-        "repeat": repeat,
+        "run": run_label,
     }
     size = f"{float(receipt['partition_size_mb']):g}MB"
     run_prefix = "/".join(
@@ -257,7 +258,7 @@ def dispatch_run(
     failed_records_path: str | os.PathLike | None = None,
     definition_path: str | os.PathLike | None = None,
     precision: str = "fp32",
-    repeat: int = 1,
+    run_label: str = "",
 ) -> dict[str, Any]:
     """Invoke the function for every unfinished invocation; fetch and check results.
 
@@ -283,7 +284,7 @@ def dispatch_run(
             f"(receipt {receipt_path}); stage again: snakemake -R stage"
         ) from None
     run_prefix, events = plan_events(
-        receipt, jobs, logical, model, batch_size, backend, precision, repeat
+        receipt, jobs, logical, model, batch_size, backend, precision, run_label
     )
     done = finished_invocations(s3, bucket, run_prefix)
     pending = [(n, e) for n, e in events if n not in done]
@@ -423,6 +424,13 @@ def dispatch_run(
         else sum(r["throttles"] for r in ran),
         "cold_starts": colds,
         "cold_start_s": cold_start_s,
+        # What ran: invocations in flight at most, and the function's memory size.
+        "concurrency": aws["stepfunctions"]["max_concurrency"]
+        if stepfunctions
+        else aws["concurrency"],
+        "memory_mb": max(
+            (r["memory_mb"] for r in ran if r["memory_mb"]), default=aws["memory_mb"]
+        ),
         "started_at": started,
         "dispatch_s": tick - wall,
         "fetch_s": fetch_s,

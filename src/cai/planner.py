@@ -25,7 +25,8 @@ many partitions run at once):
   with ``threads`` the CPU threads the measured invocations ran; so memory beyond the
   measured threads buys no speed, and the fixed part (S3 fetch, model load) does not
   scale. Runs at several memory sizes are fitted together on that scale.
-- ``slots`` is what runs at once: Lambda, ``lambda_concurrency`` invocations (the
+- ``slots`` is what runs at once (in calibration, a run's own ``slots`` where the
+  table has them): Lambda, ``lambda_concurrency`` invocations (the
   account limit; 2,000 partitions at 1,000 make 2 waves); SLURM CPU and GPU jobs,
   ``slurm_slots`` and ``slurm_gpu_slots``; local jobs, ``local_slots``.
 - ``startup_s`` is paid once per run: on Lambda ``lambda_cold_start_s`` (the first wave
@@ -53,6 +54,7 @@ per job, partition seconds summed); local runs cost nothing ("own machine").
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import numbers
@@ -82,6 +84,8 @@ from cai.runs_schema import RUN_COLUMNS
 _logger = logging.getLogger(__name__)
 
 PLANNER_KEY = "planner"
+# Keys of the planner section that are budgets, not assumptions (at most one set).
+BUDGET_KEYS = ("time_budget_s", "cost_budget_usd")
 LAMBDA_VCPU_MAX = 6  # Lambda gives at most 6 vCPUs (at 10,240 MB)
 LAMBDA_MEMORY_MB_RANGE = (128, 10240)  # MB a function may have
 LAMBDA_EPHEMERAL_MB_MAX = 10240  # largest /tmp, MB
@@ -537,6 +541,30 @@ def recommend(
     return result
 
 
+def recommendations(
+    table: pd.DataFrame,
+    data_gb_list: Sequence[float],
+    time_budget_s: float | None = None,
+    cost_budget_usd: float | None = None,
+) -> pd.DataFrame:
+    """:func:`recommend` for each data size: one row each, with its ``reason``."""
+    rows = [
+        recommend(table, data_gb, time_budget_s, cost_budget_usd)
+        for data_gb in data_gb_list
+    ]
+    return pd.DataFrame.from_records(rows)
+
+
+def describe_recommendation(best: Mapping[str, Any]) -> str:
+    """One line: the option, its time and cost, why, and what the cost counts."""
+    memory = "" if math.isnan(best["memory_mb"]) else f" at {best['memory_mb']:.0f} MB"
+    return (
+        f"{best['data_gb']:g} GB: {best['backend']} (batch {best['batch_size']}), "
+        f"{best['partition_mb']:g} MB partitions{memory}: {best['time_s']:,.1f} s, "
+        f"${best['cost_usd']:,.4f} ({best['reason']}; {best['cost_basis']})"
+    )
+
+
 def validate(
     runs: pd.DataFrame,
     calibrate_on: Sequence[float],
@@ -585,9 +613,19 @@ def validate(
     for _, run in test.iterrows():
         per_job = math.ceil(int(run["partitions"]) / int(run["invocations"]))
         memory = run["memory_mb"] if run["kind"] == "lambda" else None
+        # Predicted as it ran: a Lambda run with the concurrency it had.
+        held = assumptions
+        if (
+            run["kind"] == "lambda"
+            and _is_number(run.get("slots"))
+            and run["slots"] > 0
+        ):
+            held = dataclasses.replace(
+                assumptions, lambda_concurrency=int(run["slots"])
+            )
         args = (
             cal,
-            assumptions,
+            held,
             run["data_gb"],
             run["backend"],
             run["partition_mb"],
@@ -595,10 +633,9 @@ def validate(
             int(run["batch_size"]),
             per_job,
         )
-        if prices is None:
-            predicted = _timing(*args)
-        else:
-            predicted = predict(cal, assumptions, prices, *args[2:])
+        predicted = (
+            _timing(*args) if prices is None else predict(cal, held, prices, *args[2:])
+        )
         for measure in measures:
             measured = float(run[measure])
             rows.append(
@@ -817,8 +854,13 @@ def _costing(
     if kind == "slurm":
         seconds = invocations * job_s
         if timing["device"] == "cuda":
-            hpc = hpc_cost(0.0, seconds / SECONDS_PER_HOUR, prices)
-            basis = f"SLURM {hpc['gpu_hours']:,.2f} GPU-hours (1 GPU a job)"
+            # A GPU job holds its CPU cores too; priced as the runs table prices it.
+            hours = seconds / SECONDS_PER_HOUR
+            hpc = hpc_cost(timing["threads"] * hours, hours, prices)
+            basis = (
+                f"SLURM {hpc['gpu_hours']:,.2f} GPU-hours (1 GPU a job) and "
+                f"{hpc['core_hours']:,.2f} core-hours ({timing['threads']} threads a job)"
+            )
         else:
             core_hours = timing["threads"] * seconds / SECONDS_PER_HOUR
             hpc = hpc_cost(core_hours, 0.0, prices)
@@ -876,7 +918,12 @@ def _fit_backend(
                 sizes,
                 intercept,
             )
-    slots = assumptions.slots(kind, device)
+    # What ran at once in each measured run: its own slots where the table has them
+    # (Lambda: the dispatcher's concurrency), else the assumption's.
+    slots = pd.Series(float(assumptions.slots(kind, device)), index=rows.index)
+    if "slots" in rows:
+        measured_slots = rows["slots"].astype(float)
+        slots = measured_slots.where(measured_slots > 0, slots)
     per_job = np.ceil(rows["partitions"] / rows["invocations"])
     waves = np.ceil(rows["invocations"] / slots)
     # A Lambda run's measured cold start (its table column) is taken out as measured,
@@ -995,6 +1042,15 @@ def _checked_runs(runs: pd.DataFrame, precision: str | None) -> pd.DataFrame:
             f"runs is {type(runs).__name__}; expected a pandas DataFrame"
         )
     _require_columns(runs, REQUIRED_COLUMNS)
+    unmeasured = runs["end_to_end_s"].isna()
+    if unmeasured.any():
+        _logger.warning(
+            "calibrate: %d runs without an end-to-end time (partly reused results) "
+            "left out: %s",
+            int(unmeasured.sum()),
+            ", ".join(map(str, runs.loc[unmeasured, "run"])) if "run" in runs else "",
+        )
+        runs = runs[~unmeasured]
     if runs.empty:
         raise ConfigError("runs table has no row; expected measured runs to plan from")
     runs = runs.reset_index(drop=True)

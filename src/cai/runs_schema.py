@@ -25,6 +25,11 @@ RUN_COLUMNS: dict[str, tuple[str, str]] = {
     "storage_shared": ("bool", "partitions beyond the stored data reread stored files"),
     "invocations": ("int", "Lambda invocations, or inference jobs (local, SLURM)"),
     "threads": ("int", "CPU threads per inference job or invocation"),
+    "slots": (
+        "float",
+        "Lambda: invocations the dispatcher kept in flight at most (NaN for other "
+        "backends, whose parallelism the scheduler decides)",
+    ),
     "memory_mb": ("float", "Lambda memory size, MB (NaN for other backends)"),
     "cold_start_s": (
         "float",
