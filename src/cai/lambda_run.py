@@ -114,7 +114,18 @@ def model_file(model: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
     if not path.exists():
         config = ModelConfig(depth=model["depth"], num_heads=model["num_heads"])
         seeded, weights = create_model(config, None, model["seed"])
-        save_checkpoint(seeded, path, {"weights": weights})
+        # Stage jobs of several partition sizes may get here at once, and two saves
+        # of the same weights differ in bytes (safetensors orders its metadata at
+        # random): the first file in place wins, the others are dropped, so every
+        # job hashes and uploads the same bytes.
+        own = path.with_name(f".{path.name}.{os.getpid()}")
+        save_checkpoint(seeded, own, {"weights": weights})
+        try:
+            os.link(own, path)
+        except FileExistsError:
+            pass
+        finally:
+            own.unlink()
     return path
 
 
