@@ -351,6 +351,8 @@ def test_assumption_errors_name_the_key(planner: dict, message: str) -> None:
 
 def test_assumption_defaults() -> None:
     assert Assumptions.from_config(None) == Assumptions()
+    # The budgets share the section: accepted, and not assumptions.
+    assert Assumptions.from_config({"time_budget_s": 60, "cost_budget_usd": None})
     given = Assumptions.from_config({"partition_mb": [10], "lambda_memory_mb": [3008]})
     assert (given.partition_mb, given.lambda_memory_mb) == ((10.0,), (3008,))
 

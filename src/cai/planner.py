@@ -15,7 +15,9 @@ many partitions run at once):
 
 - ``partition_s`` is a partition's wall time as measured (fetch, model load, read,
   compute, write). With runs at two or more partition sizes, ``fixed_s`` and the
-  per-galaxy rate are fitted by least squares on the runs' ``partition_s_mean``
+  per-galaxy rate are fitted by least squares on the runs' ``partition_s_p50`` (the
+  median: a job's one model load then counts per job, not per partition; else
+  ``partition_s_mean``)
   against galaxies per partition; with one size the model is proportional
   (``fixed_s`` = 0). A measured size uses its own measured seconds; a size not
   measured is predicted from the rate and says so (``extrapolated``).
@@ -180,7 +182,8 @@ class Assumptions:
                 f"{PLANNER_KEY} is {type(mapping).__name__}; expected a mapping of "
                 f"{', '.join(cls.keys())}"
             )
-        unknown = sorted(set(mapping) - set(cls.keys()))
+        # The budgets live in the same section but are choices, not assumptions.
+        unknown = sorted(set(mapping) - set(cls.keys()) - set(BUDGET_KEYS))
         if unknown:
             raise ConfigError(
                 f"{PLANNER_KEY}.{unknown[0]} is not a known key; expected one of "
@@ -901,7 +904,13 @@ def _fit_backend(
         index=rows.index,
     )
     x = (galaxies / share).to_numpy(float)
-    y = rows["partition_s_mean"].to_numpy(float)
+    # A partition's steady time: the median, so that the model load a job pays once
+    # (in its first partition's wall time) counts per job or run, not per partition.
+    part_s = rows.get("partition_s_p50")
+    if part_s is None or part_s.isna().any():
+        part_s = rows["partition_s_mean"]
+    part_s = part_s.astype(float)
+    y = part_s.to_numpy(float)
     sizes = rows["partition_mb"].nunique()
     model, fixed_s, slope = "proportional", 0.0, float(x @ y / (x @ x))
     if sizes > 1:
@@ -932,9 +941,7 @@ def _fit_backend(
     if kind == "lambda" and "cold_start_s" in rows:
         measured = rows["cold_start_s"].astype(float)
         startup = measured.where(measured.notna(), startup)
-    residual = (
-        rows["end_to_end_s"] - startup - waves * per_job * rows["partition_s_mean"]
-    )
+    residual = rows["end_to_end_s"] - startup - waves * per_job * part_s
     # What each wave adds beyond its partitions' own seconds (a job's or invocation's
     # start: process, imports, scheduling, the dispatch round trip), fitted when the
     # runs span two or more wave counts; else 0 and all of it is overhead.
@@ -952,10 +959,10 @@ def _fit_backend(
             "galaxies_per_partition": galaxies,
             "threads": rows["threads"].astype(float),
             "memory_mb": memory.astype(float),
-            "partition_s": rows["partition_s_mean"].astype(float),
-            "variable_cpu_s": (rows["partition_s_mean"] - fixed_s) * share,
+            "partition_s": part_s,
+            "variable_cpu_s": (part_s - fixed_s) * share,
             "overhead_s": overhead,
-            "score": rows["partition_s_mean"] * share / galaxies,
+            "score": part_s * share / galaxies,
             "peak_rss_mb": rows.get("peak_rss_mb", math.nan),
         }
     )
