@@ -26,6 +26,7 @@ from cai.errors import CaiError, ConfigError, DataFormatError
 _logger = logging.getLogger(__name__)
 
 MS_PER_S = 1000.0
+SECONDS_PER_HOUR = 3600.0  # HPC: core-hours and GPU-hours
 MB_PER_GB = 1024.0  # Lambda: memory in MB / 1024 = GB
 BYTES_PER_GB = float(1 << 30)  # S3 storage: 1 GB = 2^30 bytes
 REQUESTS_PER_S3_PRICE_UNIT = 1000.0  # S3 request prices are per 1,000 requests
@@ -201,6 +202,18 @@ def lambda_cost(
         "ephemeral_usd": ephemeral_usd,
         "total_usd": total_usd,
     }
+
+
+def lambda_run_s3_requests(
+    partitions: int, cold_starts: int, invoked: int, fetched: int
+) -> tuple[int, int]:
+    """S3 (PUT-priced, GET-priced) requests of a Lambda run, as its steps make them:
+    per partition a HEAD and a GET, per cold start the model's HEAD and GET, per
+    invocation run two PUTs (predictions, then metrics), per result fetched two HEADs
+    and two GETs, and a LIST (priced as a PUT) per 500 result keys, plus one."""
+    puts = 2 * invoked + fetched // 500 + 1
+    gets = 2 * partitions + 2 * cold_starts + 4 * fetched
+    return puts, gets
 
 
 def s3_cost(

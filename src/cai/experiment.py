@@ -28,13 +28,12 @@ from typing import Any
 import pandas as pd
 
 from cai.atomic import atomic_path
-from cai.cost import Prices, hpc_cost
+from cai.cost import SECONDS_PER_HOUR, Prices, hpc_cost
 from cai.errors import ConfigError, DataFormatError
 from cai.runs_schema import RUN_COLUMNS
 
 _logger = logging.getLogger(__name__)
 
-SECONDS_PER_HOUR = 3600.0
 # Folder label of a run over the stored data once (data.size_gb null).
 DATASET_LABEL = "dataset"
 

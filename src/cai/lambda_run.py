@@ -277,7 +277,13 @@ def dispatch_run(
     go to ``failed_records_path`` and the error lists the failed invocations with their
     partitions; finished results stay in S3 for the rerun.
     """
-    from cai.cost import Prices, lambda_cost, s3_cost, stepfunctions_cost
+    from cai.cost import (
+        Prices,
+        lambda_cost,
+        lambda_run_s3_requests,
+        s3_cost,
+        stepfunctions_cost,
+    )
 
     started = time.time()
     wall = time.perf_counter()
@@ -408,8 +414,7 @@ def dispatch_run(
         ),
         default=0.0,
     )
-    gets = 2 * partitions_run + 2 * colds + 4 * len(events)
-    puts = 2 * len(ran) + len(events) // 500 + 1
+    puts, gets = lambda_run_s3_requests(partitions_run, colds, len(ran), len(events))
     stepfunctions = aws["orchestrator"] == "stepfunctions"
     s3_usd = s3_cost(puts=puts + stepfunctions, gets=gets, prices=price)
     sfn_usd = None

@@ -73,9 +73,11 @@ from cai.atomic import atomic_path
 from cai.cost import (
     LAMBDA_ARCHITECTURES,
     LAMBDA_FREE_EPHEMERAL_MB,
+    SECONDS_PER_HOUR,
     Prices,
     hpc_cost,
     lambda_cost,
+    lambda_run_s3_requests,
     s3_cost,
 )
 from cai.errors import ConfigError, DataFormatError
@@ -92,17 +94,7 @@ LAMBDA_VCPU_MAX = 6  # Lambda gives at most 6 vCPUs (at 10,240 MB)
 LAMBDA_MEMORY_MB_RANGE = (128, 10240)  # MB a function may have
 LAMBDA_EPHEMERAL_MB_MAX = 10240  # largest /tmp, MB
 LAMBDA_TIMEOUT_S = 900  # 15 min: the longest one invocation may run
-SECONDS_PER_HOUR = 3600.0
 KINDS = ("local", "slurm", "lambda")
-# S3 requests of a Lambda run, as cai.lambda_run counts them: per partition a HEAD
-# and a GET, per cold start the model's HEAD and GET, per invocation two PUTs (the
-# predictions, then the metrics) and two HEADs and two GETs when its results are
-# fetched; a LIST (priced as a PUT) per 500 invocations' result keys, plus one.
-S3_GETS_PER_PARTITION = 2
-S3_GETS_PER_COLD_START = 2
-S3_GETS_PER_INVOCATION = 4
-S3_PUTS_PER_INVOCATION = 2
-S3_INVOCATIONS_PER_LIST = 500
 # Columns every runs row needs (memory_mb only on Lambda rows); peak_rss_mb,
 # precision and cost_usd are used when present.
 REQUIRED_COLUMNS = (
@@ -834,15 +826,8 @@ def _costing(
             assumptions.lambda_architecture,
             assumptions.lambda_ephemeral_mb,
         )
-        gets = (
-            S3_GETS_PER_PARTITION * timing["partitions"]
-            + S3_GETS_PER_COLD_START * cold_starts
-            + S3_GETS_PER_INVOCATION * invocations
-        )
-        puts = (
-            S3_PUTS_PER_INVOCATION * invocations
-            + invocations // S3_INVOCATIONS_PER_LIST
-            + 1
+        puts, gets = lambda_run_s3_requests(
+            timing["partitions"], cold_starts, invocations, invocations
         )
         s3 = s3_cost(puts=puts, gets=gets, prices=prices)
         return {
