@@ -5,21 +5,27 @@ The model, per galaxy:
 * Redshift from dN/dz ~ z^2 exp(-(z/z_c)^1.5), mode 0.1, drawn as
   z = z_c * Gamma(2)^(1/1.5) and redrawn outside 0.005 < z < 0.4.
 * A continuous type t in [0, 1] (0 = red/early, 1 = blue/late) from a two-Beta
-  mixture (40 % red). Type sets the Sersic index (red ~ 4, blue ~ 1), the axis
-  ratio, the physical half-light radius, the K-correction and the colours.
+  mixture (40 % red). Each galaxy is a red bulge (Sersic n ~ 4) plus a blue
+  exponential disc; the type sets the bulge's share of the r-band light,
+  B/T = (1 - t)^1.5 with scatter, and through it the K-correction and the colours.
 * Flat LCDM distances (H0 = 70 km/s/Mpc, Omega_m = 0.3) from a tabulated integral.
 * Absolute magnitude M_r ~ Normal(mu(t), 0.8) truncated, by an inverse-CDF draw, so
   that the apparent r = M_r + DM(z) + K_r(z) lies in the main-sample range
   [13.5, 17.77].
-* Colours u-g, g-r, r-i, i-z from linear colour-redshift tracks interpolated by type
-  between a red sequence and a blue cloud, plus intrinsic scatter.
+* Colours u-g, g-r, r-i, i-z of each component from linear colour-redshift tracks
+  (the bulge on the red sequence, the disc in the blue cloud) plus intrinsic
+  scatter; the galaxy's colours are those of the summed fluxes. Because bulge and
+  disc differ in colour and profile, a galaxy's colour changes from its centre to
+  its outskirts, as in real galaxies: the images say more about the type, and so
+  about the redshift, than the total colours do.
 * SDSS-like photometric errors from the 5-sigma point-source depths, degraded for
   extended sources; catalogue magnitudes are the true ones plus that noise.
-* 5x32x32 images (pixel scale 0.396", band order u, g, r, i, z): an elliptical
-  Sersic profile (2x oversampled), convolved with a Gaussian PSF per band as
-  separable Toeplitz matrix products, scaled so that each noise-free band sums to
-  the flux of the catalogue magnitude, plus Gaussian sky noise per pixel whose
-  sigma follows from the depths.
+* 5x32x32 images (pixel scale 0.396", band order u, g, r, i, z): the bulge and the
+  disc as elliptical Sersic profiles (2x oversampled), each convolved with a
+  Gaussian PSF per band as separable Toeplitz matrix products, mixed by the band's
+  bulge fraction and scaled so that each noise-free band sums to the flux of the
+  catalogue magnitude, plus Gaussian sky noise per pixel whose sigma follows from
+  the depths.
 
 Pixels are in nanomaggies with zero point 22.5: flux_nmgy = 10**(-0.4 (m - 22.5)).
 
@@ -47,7 +53,7 @@ from cai.formats import BANDS, IMAGE_SHAPE, GalaxyBatch, GalaxyWriter
 
 ZERO_POINT_MAG = 22.5  # mag of 1 nanomaggy; pixel unit is the nanomaggy
 SIM_CHUNK_ROWS = 4096  # galaxies per generated chunk (fixed: part of determinism)
-MODEL_VERSION = 1  # bump when the model changes the generated arrays
+MODEL_VERSION = 2  # bump when the model changes the generated arrays
 
 # --- Redshift distribution -------------------------------------------------------
 Z_MODE = 0.1  # mode of dN/dz
@@ -77,21 +83,32 @@ R_BRIGHT, R_FAINT = 13.5, 17.77  # mag, SDSS main-sample apparent r range
 K_R_BLUE, K_R_RED_EXTRA = 0.5, 1.0  # K_r(z) = (0.5 + 1.0 (1 - t)) z, mag
 
 # --- Colour tracks: colour = a + b z, columns u-g, g-r, r-i, i-z -----------------
+# The bulge follows the red sequence, the disc the blue cloud.
 RED_COLOUR_A = np.array([1.75, 0.75, 0.38, 0.30])  # mag
 RED_COLOUR_B = np.array([1.00, 2.00, 0.60, 0.30])  # mag per unit z
 BLUE_COLOUR_A = np.array([1.20, 0.45, 0.28, 0.15])  # mag
 BLUE_COLOUR_B = np.array([0.80, 1.10, 0.30, 0.40])  # mag per unit z
-COLOUR_SCATTER = np.array([0.10, 0.06, 0.05, 0.06])  # mag, intrinsic
+# Intrinsic scatter of a component's colours at fixed redshift (mag), about that of
+# the SDSS red sequence (g-r about 0.03 mag), more in u-g; the spread of the galaxies'
+# colours comes mostly from their spread in bulge-to-total ratio.
+COLOUR_SCATTER = np.array([0.06, 0.03, 0.02, 0.03])
 
-# --- Structure -------------------------------------------------------------------
-SERSIC_RED, SERSIC_BLUE = 4.0, 1.0  # Sersic index at t = 0 and t = 1
-SERSIC_SCATTER_DEX = 0.1  # log-normal scatter of n, dex
-SERSIC_MIN, SERSIC_MAX = 0.5, 6.0
-RE_KPC_RED, RE_KPC_BLUE = 3.0, 4.0  # kpc, median half-light radius at M_r = -21
+# --- Structure: bulge + disc -----------------------------------------------------
+BT_POWER = 1.5  # r-band bulge-to-total ratio B/T = (1 - t)^BT_POWER, before scatter
+BT_SCATTER = 0.05  # Gaussian scatter of B/T (then clipped to [0, 1])
+BULGE_SERSIC = 4.0  # Sersic index of bulges (de Vaucouleurs)
+BULGE_SERSIC_SCATTER_DEX = 0.1  # log-normal scatter of the bulge index, dex
+BULGE_SERSIC_MIN, BULGE_SERSIC_MAX = 2.0, 6.0
+DISC_SERSIC = 1.0  # exponential discs
+RE_KPC_DISC = 4.5  # kpc, median disc half-light radius at M_r = -21
 RE_LUM_SLOPE = -0.12  # dex per mag of M_r (R_e ~ L^0.3)
-RE_SCATTER_DEX = 0.15  # dex
-RE_MIN_PX, RE_MAX_PX = 0.5, 12.0  # clip of the angular half-light radius, pixels
-Q_MIN_RED, Q_MIN_BLUE = 0.6, 0.3  # axis ratio drawn uniform in [q_min(t), 1]
+RE_SCATTER_DEX = 0.15  # dex, of the disc radius
+# Median bulge / disc half-light radius: bulges are compact (in spirals about 0.1 to
+# 0.3 of the disc's radius), so a galaxy's colour reddens towards its centre.
+BULGE_RE_RATIO = 0.35
+BULGE_RE_SCATTER_DEX = 0.1  # dex
+RE_MIN_PX, RE_MAX_PX = 0.5, 12.0  # clip of the angular half-light radii, pixels
+Q_MIN_BULGE, Q_MIN_DISC = 0.6, 0.25  # axis ratios drawn uniform in [q_min, 1]
 
 # --- Imaging ---------------------------------------------------------------------
 PIXEL_SCALE = 0.396  # arcsec per pixel
@@ -190,28 +207,34 @@ class Catalogue:
     Attributes:
         redshift: true redshift.
         galaxy_type: t in [0, 1], 0 red/early, 1 blue/late.
+        bulge_to_total: r-band bulge-to-total flux ratio B/T.
         abs_mag_r: absolute r magnitude.
         true_mags: [n, 5] noise-free apparent magnitudes u, g, r, i, z.
         mag_err: [n, 5] photometric 1-sigma errors, mag.
         magnitudes: [n, 5] float32 catalogue magnitudes (true + error draw).
-        sersic_n: Sersic index.
-        re_kpc: physical half-light radius, kpc.
-        re_px: angular half-light radius, pixels (clipped).
-        axis_ratio: minor/major axis ratio q.
-        position_angle: radians.
+        bulge_fraction: [n, 5] the bulge's share of the flux in each band.
+        bulge_sersic_n: Sersic index of the bulge (the disc's is DISC_SERSIC).
+        disc_re_kpc: physical half-light radius of the disc, kpc.
+        bulge_re_px, disc_re_px: angular half-light radii, pixels (clipped).
+        bulge_axis_ratio, disc_axis_ratio: minor/major axis ratios q.
+        position_angle: radians, shared by bulge and disc.
         offset_px: [n, 2] sub-pixel centre offset (x, y), pixels.
     """
 
     redshift: np.ndarray
     galaxy_type: np.ndarray
+    bulge_to_total: np.ndarray
     abs_mag_r: np.ndarray
     true_mags: np.ndarray
     mag_err: np.ndarray
     magnitudes: np.ndarray
-    sersic_n: np.ndarray
-    re_kpc: np.ndarray
-    re_px: np.ndarray
-    axis_ratio: np.ndarray
+    bulge_fraction: np.ndarray
+    bulge_sersic_n: np.ndarray
+    disc_re_kpc: np.ndarray
+    bulge_re_px: np.ndarray
+    disc_re_px: np.ndarray
+    bulge_axis_ratio: np.ndarray
+    disc_axis_ratio: np.ndarray
     position_angle: np.ndarray
     offset_px: np.ndarray
 
@@ -228,6 +251,12 @@ class Catalogue:
         )
 
 
+def _colour_offsets(colours: np.ndarray) -> np.ndarray:
+    """[n, 5] magnitudes relative to r from [n, 4] colours u-g, g-r, r-i, i-z."""
+    ug, gr, ri, iz = colours.T
+    return np.stack([gr + ug, gr, np.zeros_like(gr), -ri, -ri - iz], axis=1)
+
+
 def draw_catalogue(n: int, rng: np.random.Generator) -> Catalogue:
     """Draw the catalogue quantities (no images) of ``n`` galaxies.
 
@@ -242,16 +271,22 @@ def draw_catalogue(n: int, rng: np.random.Generator) -> Catalogue:
     is_red = rng.random(n) < RED_FRACTION
     t = np.where(is_red, rng.beta(*RED_BETA, size=n), rng.beta(*BLUE_BETA, size=n))
     u_mag = rng.random(n)
-    colour_noise = rng.standard_normal((n, 4)) * COLOUR_SCATTER
+    bt_noise = rng.standard_normal(n)
+    bulge_colour_noise = rng.standard_normal((n, 4)) * COLOUR_SCATTER
+    disc_colour_noise = rng.standard_normal((n, 4)) * COLOUR_SCATTER
     sersic_noise = rng.standard_normal(n)
     size_noise = rng.standard_normal(n)
-    q_uniform = rng.random(n)
+    bulge_size_noise = rng.standard_normal(n)
+    q_bulge_uniform = rng.random(n)
+    q_disc_uniform = rng.random(n)
     position_angle = rng.random(n) * math.pi
     offset_px = rng.random((n, 2)) - 0.5
     phot_noise = rng.standard_normal((n, 5))
 
+    bulge_to_total = np.clip((1.0 - t) ** BT_POWER + BT_SCATTER * bt_noise, 0.0, 1.0)
+
     # Luminosity: r-band flux limit imposed on M_r by a truncated-normal draw.
-    k_r = (K_R_BLUE + K_R_RED_EXTRA * (1.0 - t)) * z
+    k_r = (K_R_BLUE + K_R_RED_EXTRA * bulge_to_total) * z
     shift = distance_modulus(z) + k_r
     m_mean = M_R_MEAN_RED + (M_R_MEAN_BLUE - M_R_MEAN_RED) * t
     abs_mag_r = truncated_normal(
@@ -259,34 +294,43 @@ def draw_catalogue(n: int, rng: np.random.Generator) -> Catalogue:
     )
     r = np.clip(abs_mag_r + shift, R_BRIGHT, R_FAINT)
 
-    # Colours: type-interpolated linear tracks in z, then magnitudes from r.
-    tt, zz = t[:, None], z[:, None]
-    red = RED_COLOUR_A + RED_COLOUR_B * zz
-    blue = BLUE_COLOUR_A + BLUE_COLOUR_B * zz
-    ug, gr, ri, iz = ((1.0 - tt) * red + tt * blue + colour_noise).T
-    g = r + gr
-    i = r - ri
-    true_mags = np.stack([g + ug, g, r, i, i - iz], axis=1)
+    # Colours: each component on its track, the galaxy's from the summed fluxes
+    # (relative to the total r flux).
+    zz = z[:, None]
+    bulge = _colour_offsets(RED_COLOUR_A + RED_COLOUR_B * zz + bulge_colour_noise)
+    disc = _colour_offsets(BLUE_COLOUR_A + BLUE_COLOUR_B * zz + disc_colour_noise)
+    bt = bulge_to_total[:, None]
+    bulge_flux = bt * 10.0 ** (-0.4 * bulge)
+    disc_flux = (1.0 - bt) * 10.0 ** (-0.4 * disc)
+    total_flux = bulge_flux + disc_flux
+    true_mags = r[:, None] - 2.5 * np.log10(total_flux)
+    bulge_fraction = bulge_flux / total_flux
 
     # Structure.
-    sersic_n = np.clip(
-        SERSIC_RED ** (1.0 - t)
-        * SERSIC_BLUE**t
-        * 10.0 ** (SERSIC_SCATTER_DEX * sersic_noise),
-        SERSIC_MIN,
-        SERSIC_MAX,
+    bulge_sersic_n = np.clip(
+        BULGE_SERSIC * 10.0 ** (BULGE_SERSIC_SCATTER_DEX * sersic_noise),
+        BULGE_SERSIC_MIN,
+        BULGE_SERSIC_MAX,
     )
-    re0 = RE_KPC_RED + (RE_KPC_BLUE - RE_KPC_RED) * t
-    re_kpc = re0 * 10.0 ** (
+    disc_re_kpc = RE_KPC_DISC * 10.0 ** (
         RE_LUM_SLOPE * (abs_mag_r + 21.0) + RE_SCATTER_DEX * size_noise
     )
-    re_arcsec = re_kpc / (angular_diameter_distance(z) * 1.0e3) * ARCSEC_PER_RAD
-    re_px = np.clip(re_arcsec / PIXEL_SCALE, RE_MIN_PX, RE_MAX_PX)
-    q_min = Q_MIN_RED + (Q_MIN_BLUE - Q_MIN_RED) * t
-    axis_ratio = q_min + (1.0 - q_min) * q_uniform
+    bulge_re_kpc = (
+        BULGE_RE_RATIO * disc_re_kpc * 10.0 ** (BULGE_RE_SCATTER_DEX * bulge_size_noise)
+    )
+    kpc_to_px = ARCSEC_PER_RAD / (angular_diameter_distance(z) * 1.0e3) / PIXEL_SCALE
+    bulge_re_px = np.clip(bulge_re_kpc * kpc_to_px, RE_MIN_PX, RE_MAX_PX)
+    disc_re_px = np.clip(disc_re_kpc * kpc_to_px, RE_MIN_PX, RE_MAX_PX)
+    bulge_axis_ratio = Q_MIN_BULGE + (1.0 - Q_MIN_BULGE) * q_bulge_uniform
+    disc_axis_ratio = Q_MIN_DISC + (1.0 - Q_MIN_DISC) * q_disc_uniform
 
-    # Photometric errors: point-source SNR, reduced for extended sources.
-    extent = np.sqrt(1.0 + (re_px[:, None] / PSF_SIGMA_PX) ** 2)
+    # Photometric errors: point-source SNR, reduced for extended sources (the
+    # light-weighted half-light radius of the two components in each band).
+    re_px = (
+        bulge_fraction * bulge_re_px[:, None]
+        + (1.0 - bulge_fraction) * disc_re_px[:, None]
+    )
+    extent = np.sqrt(1.0 + (re_px / PSF_SIGMA_PX) ** 2)
     snr = 5.0 * 10.0 ** (-0.4 * (true_mags - DEPTH_5SIGMA)) / extent
     mag_err = np.sqrt(PHOT_FLOOR**2 + (POGSON / snr) ** 2)
     magnitudes = (true_mags + mag_err * phot_noise).astype(np.float32)
@@ -294,14 +338,18 @@ def draw_catalogue(n: int, rng: np.random.Generator) -> Catalogue:
     return Catalogue(
         redshift=z,
         galaxy_type=t,
+        bulge_to_total=bulge_to_total,
         abs_mag_r=abs_mag_r,
         true_mags=true_mags,
         mag_err=mag_err,
         magnitudes=magnitudes,
-        sersic_n=sersic_n,
-        re_kpc=re_kpc,
-        re_px=re_px,
-        axis_ratio=axis_ratio,
+        bulge_fraction=bulge_fraction,
+        bulge_sersic_n=bulge_sersic_n,
+        disc_re_kpc=disc_re_kpc,
+        bulge_re_px=bulge_re_px,
+        disc_re_px=disc_re_px,
+        bulge_axis_ratio=bulge_axis_ratio,
+        disc_axis_ratio=disc_axis_ratio,
         position_angle=position_angle,
         offset_px=offset_px,
     )
@@ -321,23 +369,27 @@ _SUB = ((np.arange(STAMP * OVERSAMPLE) + 0.5) / OVERSAMPLE - 0.5).astype(np.floa
 _STAMP_CENTRE = (STAMP - 1) / 2.0  # 15.5 px
 
 
-def _sersic_profiles(cat: Catalogue) -> np.ndarray:
-    """[n, 32, 32] float32 PSF-free Sersic profiles (arbitrary normalisation)."""
+def _sersic_profiles(
+    cat: Catalogue, re_px: np.ndarray, axis_ratio: np.ndarray, sersic_n: np.ndarray
+) -> np.ndarray:
+    """[n, 32, 32] float32 PSF-free Sersic profiles (arbitrary normalisation) at the
+    catalogue's centres and position angles, with the given radii, axis ratios and
+    indices."""
     n = len(cat)
     f32 = np.float32
     cx = (_STAMP_CENTRE + cat.offset_px[:, 0]).astype(f32)[:, None, None]
     cy = (_STAMP_CENTRE + cat.offset_px[:, 1]).astype(f32)[:, None, None]
     cos = np.cos(cat.position_angle).astype(f32)[:, None, None]
     sin = np.sin(cat.position_angle).astype(f32)[:, None, None]
-    q = cat.axis_ratio.astype(f32)[:, None, None]
+    q = axis_ratio.astype(f32)[:, None, None]
     dx = _SUB[None, None, :] - cx  # [n, 1, S]
     dy = _SUB[None, :, None] - cy  # [n, S, 1]
     major = dx * cos + dy * sin
     minor = dy * cos - dx * sin
     # Circularised radius over R_e, squared: (q x'^2 + y'^2 / q) / R_e^2.
-    inv_re2 = (1.0 / cat.re_px**2).astype(f32)[:, None, None]
+    inv_re2 = (1.0 / re_px**2).astype(f32)[:, None, None]
     rho2 = (major * major * q + minor * minor / q) * inv_re2
-    sn = cat.sersic_n
+    sn = np.broadcast_to(sersic_n, (n,))
     b_n = (2.0 * sn - 1.0 / 3.0 + 4.0 / (405.0 * sn)).astype(f32)[:, None, None]
     half_inv_n = (0.5 / sn).astype(f32)[:, None, None]
     # exp(-b_n (rho^(1/n) - 1)) without the constant exp(b_n); rho^(1/n) via logs.
@@ -351,10 +403,22 @@ def _sersic_profiles(cat: Catalogue) -> np.ndarray:
     return rho2.reshape(n, STAMP, s, STAMP, s).sum(axis=(2, 4))
 
 
+def _blurred_unit(profile: np.ndarray) -> np.ndarray:
+    """[n, 5, 32, 32] PSF-convolved copies of [n, 32, 32] profiles, each band
+    normalised to a sum of 1 over the stamp."""
+    blurred = np.matmul(
+        np.matmul(_PSF_KERNELS, profile[:, None]), _PSF_KERNELS.transpose(0, 2, 1)
+    )
+    blurred /= blurred.sum(axis=(2, 3), keepdims=True)
+    return blurred
+
+
 def render_images(cat: Catalogue, rng: np.random.Generator | None) -> np.ndarray:
     """Render the [n, 5, 32, 32] float32 images of a catalogue, in nanomaggies.
 
-    Each noise-free band sums to 10**(-0.4 (m - 22.5)) for the catalogue magnitude m.
+    Each band is the bulge and the disc, each PSF-convolved and normalised, mixed
+    by the band's bulge fraction; each noise-free band sums to 10**(-0.4 (m - 22.5))
+    for the catalogue magnitude m.
 
     Args:
         cat: the galaxies.
@@ -369,13 +433,21 @@ def render_images(cat: Catalogue, rng: np.random.Generator | None) -> np.ndarray
     flux = 10.0 ** (-0.4 * (cat.magnitudes.astype(np.float64) - ZERO_POINT_MAG))
     for start in range(0, n, RENDER_BLOCK_ROWS):
         stop = min(n, start + RENDER_BLOCK_ROWS)
-        profile = _sersic_profiles(cat.rows(start, stop))
-        blurred = np.matmul(
-            np.matmul(_PSF_KERNELS, profile[:, None]), _PSF_KERNELS.transpose(0, 2, 1)
-        )  # [b, 5, 32, 32]
-        total = blurred.sum(axis=(2, 3), dtype=np.float64)
-        scale = (flux[start:stop] / total).astype(np.float32)
-        np.multiply(blurred, scale[:, :, None, None], out=images[start:stop])
+        rows = cat.rows(start, stop)
+        bulge = _blurred_unit(
+            _sersic_profiles(
+                rows, rows.bulge_re_px, rows.bulge_axis_ratio, rows.bulge_sersic_n
+            )
+        )
+        disc = _blurred_unit(
+            _sersic_profiles(
+                rows, rows.disc_re_px, rows.disc_axis_ratio, np.float64(DISC_SERSIC)
+            )
+        )
+        fraction = rows.bulge_fraction.astype(np.float32)[:, :, None, None]
+        mixed = disc + fraction * (bulge - disc)  # [b, 5, 32, 32], each band sums to 1
+        scale = flux[start:stop].astype(np.float32)[:, :, None, None]
+        np.multiply(mixed, scale, out=images[start:stop])
     if rng is not None:
         noise = rng.standard_normal(images.shape, dtype=np.float32)
         noise *= SKY_SIGMA_NMGY.astype(np.float32)[None, :, None, None]
