@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,6 +213,20 @@ class GalaxyFile:
                 "truncated or corrupt: regenerate it"
             ) from None
         return GalaxyBatch(**arrays)
+
+    def read_fields(self, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """Whole columns ``names`` of the file, one read each (for the catalogue
+        columns, without the images)."""
+        unknown = [name for name in names if name not in FIELDS]
+        if unknown:
+            raise ValueError(f"unknown fields {unknown}; the format has {list(FIELDS)}")
+        try:
+            return {name: self._h5[name][:] for name in names}
+        except OSError as err:
+            raise DataFormatError(
+                f"{self.path}: fields {', '.join(names)} cannot be read ({err}); the "
+                "file is truncated or corrupt: regenerate it"
+            ) from None
 
     def iter_batches(self, batch_size: int) -> Iterator[tuple[int, GalaxyBatch]]:
         """Yield ``(first_row, batch)`` over the file, ``batch_size`` rows at a time."""

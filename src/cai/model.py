@@ -234,14 +234,19 @@ class AstroMAE(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
-    def forward_features(self, image: torch.Tensor) -> torch.Tensor:
-        """Encoder: mean of the patch tokens (class token dropped), normalised [B, 192]."""
+    def forward_encoder(self, image: torch.Tensor) -> torch.Tensor:
+        """The encoder proper: mean of its output patch tokens (class token dropped),
+        [B, 192]. Frozen in fine-tuning, so :mod:`cai.finetune` caches it."""
         x = self.patch_embed(image)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = x + self.pos_embed
         for block in self.blocks:
             x = block(x)
-        return self.fc_norm(x[:, 1:].mean(dim=1))
+        return x[:, 1:].mean(dim=1)
+
+    def forward_features(self, image: torch.Tensor) -> torch.Tensor:
+        """Encoder features: the pooled patch tokens, normalised [B, 192]."""
+        return self.fc_norm(self.forward_encoder(image))
 
     def forward_head(
         self, features: torch.Tensor, image: torch.Tensor, magnitudes: torch.Tensor
@@ -382,12 +387,14 @@ def create_model(
     config: ModelConfig | None = None,
     checkpoint: str | os.PathLike | None = None,
     seed: int = 0,
+    warn_untrained: bool = True,
 ) -> tuple[AstroMAE, str]:
     """Build AstroMAE in eval mode, from a checkpoint or from seeded weights.
 
     With a checkpoint, its keys decide the depth (a different configured depth is an
     error); the safetensors metadata, where present, must agree on the heads. Without
-    one, the weights are deterministic for ``seed`` and untrained: a warning says so.
+    one, the weights are deterministic for ``seed`` and untrained: a warning says so,
+    unless ``warn_untrained`` is False (fine-tuning, which trains them, says its own).
 
     Returns:
         The model and a one-line description of its weights for every report.
@@ -398,12 +405,14 @@ def create_model(
             torch.manual_seed(seed)
             model = AstroMAE(config)
             model.init_weights()
-        _logger.warning(
-            "no checkpoint given: AstroMAE has untrained weights (seed %d), so its "
-            "redshifts are not meaningful; set model.checkpoint in config/config.yaml to "
-            "a trained safetensors or state_dict file",
-            seed,
-        )
+        if warn_untrained:
+            _logger.warning(
+                "no checkpoint given: AstroMAE has untrained weights (seed %d), so its "
+                "redshifts are not meaningful; set model.checkpoint in config/config.yaml "
+                "to a trained safetensors or state_dict file, or let the workflow "
+                "fine-tune it (finetune.train)",
+                seed,
+            )
         return model.eval(), f"untrained weights (seed {seed})"
 
     state, metadata = read_state_dict(checkpoint)
