@@ -64,6 +64,17 @@ def check_precision(precision: str, device: str) -> None:
         )
 
 
+def native_bf16() -> bool | None:
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX); None when
+    torch cannot tell. Without it oneDNN emulates bf16, slower than fp32."""
+    try:
+        return bool(
+            torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        )
+    except AttributeError:  # a torch without these probes
+        return None
+
+
 def calibration_inputs() -> tuple[torch.Tensor, torch.Tensor]:
     """The fixed synthetic galaxies that calibrate int8 activation ranges."""
     from cai.sky import simulate_chunk
@@ -251,6 +262,12 @@ def run_gate(
             "galaxies have no redshift; the gate needs labelled galaxies"
         )
     model, weights = create_model(model_config, checkpoint, seed)
+    if "bf16" in precisions and native_bf16() is False:
+        _logger.warning(
+            "this CPU has no native bf16 arithmetic (no AVX-512 BF16, no AMX): bf16 "
+            "runs emulated and is expected slower than fp32 here; the gate measures it "
+            "all the same (keep inference.precision fp32 on such machines)"
+        )
     predictions, rates = {}, {}
     for precision in ["fp32", *[p for p in precisions if p != "fp32"]]:
         check_precision(precision, "cpu")
