@@ -14,6 +14,9 @@ Galaxies without a true redshift (NaN) are left out and counted.
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import numpy as np
 
 OUTLIER_DZ = 0.05  # |dz| above which a prediction is an outlier
@@ -77,31 +80,101 @@ def accuracy_table(z_pred: np.ndarray, z_true: np.ndarray, weights: str):
     )
 
 
-def write_accuracy_table(catalogue: str, out: str, weights: str):
-    """Accuracy of a Parquet catalogue (z_pred, z_true) as a TSV at ``out``; logged."""
-    import logging
+def evaluation_set(
+    catalogue: str | os.PathLike, split: str | os.PathLike | None = None
+) -> tuple[Any, str]:
+    """The galaxies of a catalogue that accuracy is measured on, and what they are.
 
+    Without a split: every row. With one (fine-tuning made it): only the test split's
+    galaxies, once each; every test galaxy must be in the catalogue.
+
+    Returns:
+        A DataFrame (object_id, z_pred, z_true) and a one-line description.
+    """
     import pyarrow.parquet as pq
+
+    from cai.errors import DataFormatError
+    from cai.split import read_split
+
+    frame = pq.read_table(catalogue, columns=["object_id", "z_pred", "z_true"])
+    frame = frame.to_pandas()
+    if split is None:
+        return frame, f"every galaxy of the catalogue ({len(frame):,})"
+    table = read_split(split)
+    test_ids = table.ids("test")
+    test = frame.drop_duplicates("object_id")
+    test = test[test["object_id"].isin(test_ids)].reset_index(drop=True)
+    if len(test) != len(test_ids):
+        absent = np.setdiff1d(test_ids, test["object_id"].to_numpy())
+        raise DataFormatError(
+            f"{catalogue}: lacks {len(absent):,} of the {len(test_ids):,} test galaxies "
+            f"of {split} (e.g. object_id {int(absent[0])}); the catalogue and the "
+            "split come from different galaxies: rerun the workflow"
+        )
+    total = sum(table.meta["counts"].values())
+    return test, (
+        f"test split: {len(test):,} of {total:,} labelled galaxies, never trained on"
+    )
+
+
+def write_accuracy_table(
+    catalogue: str | os.PathLike,
+    out: str | os.PathLike,
+    weights: str,
+    split: str | os.PathLike | None = None,
+    baseline: str | os.PathLike | None = None,
+):
+    """Accuracy of a Parquet catalogue (z_pred, z_true) as a TSV at ``out``; logged.
+
+    With ``split``, only its test galaxies count; with ``baseline`` (the kNN
+    yardstick's test predictions, :mod:`cai.baseline`), its figures on the same
+    galaxies stand in a column ``knn_baseline`` beside the model's ``value``.
+    """
+    import logging
 
     from cai.atomic import atomic_path
 
-    columns = pq.read_table(catalogue, columns=["z_pred", "z_true"])
+    galaxies, evaluated_on = evaluation_set(catalogue, split)
     table = accuracy_table(
-        columns["z_pred"].to_numpy(), columns["z_true"].to_numpy(), weights
+        galaxies["z_pred"].to_numpy(), galaxies["z_true"].to_numpy(), weights
     )
+    values = dict(zip(table["metric"], table["value"], strict=True))
+    baseline_note = ""
+    if baseline is not None:
+        from cai.baseline import read_baseline
+        from cai.errors import DataFormatError
+
+        predicted, meta = read_baseline(baseline)
+        same = galaxies[["object_id"]].merge(predicted, on="object_id", how="inner")
+        if len(same) != len(galaxies) or len(predicted) != len(galaxies):
+            raise DataFormatError(
+                f"{baseline}: predicts {len(predicted):,} galaxies, of which "
+                f"{len(same):,} are among the {len(galaxies):,} evaluated in "
+                f"{catalogue}; both must come from the same split: rerun the workflow"
+            )
+        yardstick = redshift_metrics(
+            same["z_pred"].to_numpy(), same["z_true"].to_numpy()
+        )
+        table.insert(2, "knn_baseline", [yardstick[k] for k in table["metric"]])
+        table["baseline"] = meta["description"]
+        baseline_note = (
+            f" (kNN baseline: NMAD {yardstick['nmad']:.4f}, outliers "
+            f"{100 * yardstick['outlier_fraction']:.2f}%)"
+        )
+    table["evaluated_on"] = evaluated_on
     with atomic_path(out) as tmp:
         table.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
-    values = dict(zip(table["metric"], table["value"], strict=True))
     logging.getLogger(__name__).info(
-        "accuracy (%s): %d galaxies, NMAD %.4f, outliers %.2f%%, bias %+.4f, "
-        "MAE %.4f, R^2 %.3f -> %s",
+        "accuracy (%s) on the %s: NMAD %.4f, outliers %.2f%%, bias %+.4f, MAE %.4f, "
+        "R^2 %.3f%s -> %s",
         weights,
-        values["n"],
+        evaluated_on,
         values["nmad"],
         100 * values["outlier_fraction"],
         values["bias"],
         values["mae"],
         values["r2"],
+        baseline_note,
         out,
     )
     return table
