@@ -1,12 +1,16 @@
 """The `cai` command: each step end to end, and one-line errors with exit status 2."""
 
+import dataclasses
 import json
+from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
-from cai.cli import main
+from cai.cli import FINETUNE_OPTIONS, main
+from cai.finetune import FinetuneSettings
 
 COMMANDS = (
     "simulate",
@@ -15,6 +19,9 @@ COMMANDS = (
     "infer",
     "aggregate",
     "metrics",
+    "split",
+    "finetune",
+    "baseline-knn",
     "convert-checkpoint",
 )
 
@@ -106,3 +113,16 @@ def test_bad_input_is_one_line_with_exit_status_2(tmp_path, capsys, argv, messag
     assert message in err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_finetune_defaults_are_the_settings_and_the_configs():
+    """`cai finetune`, FinetuneSettings and config/config.yaml agree on every default."""
+    settings = dataclasses.asdict(FinetuneSettings())
+    config = yaml.safe_load(
+        (Path(__file__).parents[1] / "config/config.yaml").read_text()
+    )["finetune"]
+    for field, (default, _) in FINETUNE_OPTIONS.items():
+        assert default == settings[field] == config[field], field
+    assert (
+        settings["seed"] == config["seed"] and settings["augment"] == config["augment"]
+    )

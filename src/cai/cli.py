@@ -24,6 +24,23 @@ def _positive_int(text: str) -> int:
     return value
 
 
+# `cai finetune` options: FinetuneSettings fields of the same name, their defaults
+# (tests/test_cli.py checks they are FinetuneSettings' own; importing it here would
+# import torch for every `cai --help`) and help.
+FINETUNE_OPTIONS = {
+    "max_epochs": (20, "most passes over the training split"),
+    "patience": (6, "epochs without a better validation NMAD before stopping"),
+    "batch_size": (64, "galaxies per optimiser step"),
+    "learning_rate": (1e-3, "peak learning rate of AdamW"),
+    "weight_decay": (0.05, "AdamW weight decay of matrices and kernels"),
+    "warmup_epochs": (1.0, "epochs of linear warm-up"),
+    "final_lr_fraction": (0.01, "the cosine decay ends at this fraction of the peak"),
+    "average_decay": (0.99, "decay of the kept weight average per step (0: none)"),
+    "min_validation": (100, "fewest validation galaxies accepted"),
+    "threads": (2, "torch threads"),
+}
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(
@@ -114,8 +131,52 @@ def cmd_metrics(args: argparse.Namespace) -> None:
     from cai.metrics import write_accuracy_table
 
     weights = args.weights or predictions_label(read_summary(args.summary))
-    table = write_accuracy_table(args.catalogue, args.out, weights)
+    table = write_accuracy_table(
+        args.catalogue, args.out, weights, args.split, args.baseline
+    )
     print(table.to_string(index=False))
+
+
+def cmd_split(args: argparse.Namespace) -> None:
+    from cai.split import write_split
+
+    write_split(
+        args.files,
+        args.out,
+        args.seed,
+        {"train": args.train, "validation": args.validation, "test": args.test},
+        args.min_validation,
+    )
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from cai.finetune import FinetuneSettings, finetune
+    from cai.model import ModelConfig
+
+    settings = FinetuneSettings(
+        **{field: getattr(args, field) for field in FINETUNE_OPTIONS},
+        seed=args.training_seed,
+        augment=not args.no_augment,
+        recentre=not args.no_recentre,
+        device=args.device,
+    )
+    finetune(
+        args.files,
+        args.split,
+        args.out,
+        args.record or str(args.out).removesuffix(".safetensors") + ".json",
+        settings,
+        ModelConfig(depth=args.depth, num_heads=args.num_heads),
+        args.checkpoint,
+        args.seed,
+        args.work_dir,
+    )
+
+
+def cmd_baseline_knn(args: argparse.Namespace) -> None:
+    from cai.baseline import knn_baseline
+
+    knn_baseline(args.files, args.split, args.out)
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -324,6 +385,79 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output TSV (also printed)")
     p.set_defaults(func=cmd_metrics)
 
+    p.add_argument("--split", help="split table: count its test galaxies only")
+    p.add_argument(
+        "--baseline", help="kNN baseline table (cai baseline-knn) to compare"
+    )
+
+    p = sub.add_parser(
+        "split",
+        help="split labelled galaxies into train, validation and test",
+        description="Ranks a seeded hash of each object_id and cuts it at the "
+        "fractions: deterministic, disjoint, exact in counts, independent of row "
+        "order. Refuses unlabelled galaxies (NaN redshift) and a validation split "
+        "smaller than --min-validation.",
+    )
+    p.add_argument("files", nargs="+", help="CAI galaxy files (data set or partitions)")
+    p.add_argument("--out", required=True, help="output Parquet split table")
+    p.add_argument("--seed", type=int, default=0, help="default 0")
+    p.add_argument("--train", type=float, default=0.7, help="fraction (default 0.7)")
+    p.add_argument("--validation", type=float, default=0.1, help="default 0.1")
+    p.add_argument("--test", type=float, default=0.2, help="default 0.2")
+    p.add_argument("--min-validation", type=_positive_int, default=100)
+    p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser(
+        "finetune",
+        help="train AstroMAE's head on labelled galaxies, the encoder frozen",
+        description="The paper's fine-tuning: the encoder frozen (from --checkpoint, "
+        "or seeded untrained weights), the ViT head, Inception branch, magnitude "
+        "block and regression head trained with MSE loss and AdamW, stopped early on "
+        "the validation NMAD. The encoder runs once per galaxy (cached in the work "
+        "folder); a killed run resumes after its last finished epoch.",
+    )
+    p.add_argument("files", nargs="+", help="labelled CAI galaxy files")
+    p.add_argument("--split", required=True, help="split table from 'cai split'")
+    p.add_argument("--out", required=True, help="output .safetensors checkpoint")
+    p.add_argument("--record", help="training record JSON (default: beside --out)")
+    p.add_argument("--work-dir", help="cache and state folder (default: <out>.work)")
+    for field, (default, text) in FINETUNE_OPTIONS.items():
+        p.add_argument(
+            "--" + field.replace("_", "-"),
+            type=type(default),
+            default=default,
+            help=f"{text} (default {default:g})",
+        )
+    p.add_argument(
+        "--training-seed",
+        type=int,
+        default=0,
+        help="seed of the training order and augmentation (default 0)",
+    )
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument(
+        "--no-augment", action="store_true", help="no random turns and mirror images"
+    )
+    p.add_argument(
+        "--no-recentre",
+        action="store_true",
+        help="keep the median validation residual (no shift of the predictions)",
+    )
+    _add_model_args(p)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser(
+        "baseline-knn",
+        help="the colours-only kNN redshift yardstick on a split",
+        description="Mean redshift of the k nearest training galaxies in "
+        "(u-g, g-r, r-i, i-z, r), k chosen on the validation split; predicts the test "
+        "split.",
+    )
+    p.add_argument("files", nargs="+", help="labelled CAI galaxy files")
+    p.add_argument("--split", required=True, help="split table from 'cai split'")
+    p.add_argument("--out", required=True, help="output Parquet of test predictions")
+    p.set_defaults(func=cmd_baseline_knn)
+
     p = sub.add_parser(
         "convert-checkpoint",
         help="convert the original pickled AstroMAE model to safetensors",
@@ -349,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--precisions", nargs="+", default=["fp32", "bf16", "int8"], metavar="P"
     )
-    p.add_argument("--max-galaxies", type=_positive_int, default=2048)
+    p.add_argument("--max-galaxies", type=_positive_int, default=512)
     p.add_argument("--batch-size", type=_positive_int, default=512)
     p.add_argument("--threads", type=_positive_int, default=1, help="torch threads")
     p.add_argument("--max-nmad-change", type=float, default=0.01, help="fraction")

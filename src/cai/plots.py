@@ -103,22 +103,61 @@ def plot_partition_throughput(table: pd.DataFrame, path: str | os.PathLike) -> N
 
 
 def plot_catalogue(
-    catalogue: str | os.PathLike, summary: str | os.PathLike, out: str | os.PathLike
+    catalogue: str | os.PathLike,
+    summary: str | os.PathLike,
+    out: str | os.PathLike,
+    split: str | os.PathLike | None = None,
 ) -> None:
-    """The redshift density plot of a run's catalogue, titled with its weights."""
-    import pyarrow.parquet as pq
-
+    """The redshift density plot of a run's catalogue, titled with its weights (with
+    a split: of its test galaxies only, as the accuracy table counts them)."""
     from cai.aggregate import predictions_label, read_summary
-    from cai.metrics import redshift_metrics
+    from cai.metrics import evaluation_set, redshift_metrics
 
-    columns = pq.read_table(catalogue, columns=["z_pred", "z_true"])
-    z_pred = columns["z_pred"].to_numpy()
-    z_true = columns["z_true"].to_numpy()
+    galaxies, evaluated_on = evaluation_set(catalogue, split)
+    z_pred = galaxies["z_pred"].to_numpy()
+    z_true = galaxies["z_true"].to_numpy()
     weights = predictions_label(read_summary(summary))
-    plot_redshift_density(
-        z_true, z_pred, weights, redshift_metrics(z_pred, z_true), out
+    label = weights if split is None else f"{weights}\n{evaluated_on}"
+    plot_redshift_density(z_true, z_pred, label, redshift_metrics(z_pred, z_true), out)
+    _logger.info(
+        "plot: %d galaxies (%s), %s -> %s", len(z_pred), evaluated_on, weights, out
     )
-    _logger.info("plot: %d galaxies, %s -> %s", len(z_pred), weights, out)
+
+
+def plot_training(record_path: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Learning curves of a fine-tuning: training and validation loss, and the
+    validation NMAD with the epoch kept, per epoch."""
+    from cai.finetune import read_record
+
+    record = read_record(record_path)
+    history = pd.DataFrame(record["history"])
+    trained = history[history["epoch"] >= 1]
+    fig = Figure(figsize=(9, 3.8))
+    loss_ax, nmad_ax = fig.subplots(1, 2)
+    loss_ax.plot(trained["epoch"], trained["train_loss"], "o-", ms=3, label="train")
+    loss_ax.plot(
+        history["epoch"], history["validation_loss"], "s-", ms=3, label="validation"
+    )
+    loss_ax.set_yscale("log")
+    loss_ax.set_xlabel("epoch (0: before training)")
+    loss_ax.set_ylabel("MSE of z")
+    loss_ax.legend(fontsize=8)
+    nmad_ax.plot(history["epoch"], history["validation_nmad"], "s-", ms=3, color="C1")
+    best = record["best_epoch"]
+    nmad_ax.axvline(best, color="k", ls="--", lw=1, label=f"kept: epoch {best}")
+    nmad_ax.set_xlabel("epoch (0: before training)")
+    nmad_ax.set_ylabel("validation NMAD")
+    nmad_ax.legend(fontsize=8)
+    counts = record["data"]["split"]["counts"]
+    fig.suptitle(
+        f"Fine-tuning: {record['weights']}\n{counts['train']:,} train, "
+        f"{counts['validation']:,} validation galaxies; stopped: {record['stopped']}",
+        fontsize=9,
+    )
+    _save(fig, out)
+    _logger.info(
+        "plot: %d epochs of fine-tuning (best %d) -> %s", len(trained), best, out
+    )
 
 
 def plot_partition_table(
