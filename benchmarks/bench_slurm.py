@@ -34,6 +34,7 @@ TINY = (
     "data: {synthetic: {n_galaxies: 60, seed: 7}}\n"
     "partition: {size_mb: 0.5}\n"
     "inference: {threads: 1}\n"
+    "finetune: {train: false}\n"
 )
 
 

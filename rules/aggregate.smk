@@ -23,6 +23,7 @@ rule aggregate:
 
 rule accuracy:
     input:
+        **evaluation_inputs(),
         catalogue=RUN + "/catalogue.parquet",
         summary=RUN + "/summary.json",
     output:

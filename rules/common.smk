@@ -9,7 +9,7 @@
 import functools
 
 from cai.experiment import RunKey, experiment_runs, parse_data_label
-from cai.workflow import backend_settings, run_plan
+from cai.workflow import backend_settings, check_finetune_plan, run_plan
 
 DATASET = {
     "synthetic": "results/data/synthetic.h5",
@@ -18,6 +18,8 @@ DATASET = {
 PARTITIONS = "results/partitions/{size}MB"
 RUN = "results/{backend}/{data}/{size}MB-b{batch}/r{repeat}"
 LOGS = "results/logs/{backend}/{data}/{size}MB-b{batch}/r{repeat}"
+FINETUNE = "results/finetune"
+FINETUNED = FINETUNE + "/astromae-finetuned.safetensors"
 
 
 wildcard_constraints:
@@ -35,6 +37,53 @@ localrules:
     plot_redshift,
     plot_partitions,
     infer_local,
+
+
+def finetuning():
+    """Whether the DAG fine-tunes AstroMAE before predicting (finetune.train; auto:
+    only when no checkpoint is given)."""
+    train = config["finetune"]["train"]
+    if train == "auto":
+        return config["model"]["checkpoint"] is None
+    return bool(train)
+
+
+# Bad split fractions, or too few galaxies to split, stop the plan here, before
+# anything runs.
+check_finetune_plan(config, finetuning())
+
+
+def model_settings():
+    """The model section that every rule predicting with AstroMAE gets: with
+    fine-tuning, its checkpoint is the fine-tuned one."""
+    if finetuning():
+        return {**config["model"], "checkpoint": FINETUNED}
+    return config["model"]
+
+
+def model_input():
+    """Input of the rules that load the model: its checkpoint file (so they wait for
+    fine-tuning, and rerun when it changes), or nothing for seeded weights."""
+    return model_settings()["checkpoint"] or []
+
+
+def evaluation_inputs():
+    """What accuracy and its plot read besides the catalogue when the DAG fine-tunes:
+    the split (only its test galaxies count) and the kNN baseline on them."""
+    if not finetuning():
+        return {}
+    return {
+        "split": FINETUNE + "/split.parquet",
+        "baseline": FINETUNE + "/baseline_knn.parquet",
+    }
+
+
+def finetune_params():
+    """The settings that decide the fine-tuned weights (threads come from the rule's
+    threads and do not make Snakemake retrain)."""
+    return {
+        k: v for k, v in config["finetune"].items() if k not in ("train", "threads")
+    }
 
 
 def size_label(size_mb):
@@ -172,6 +221,8 @@ def cluster_resources(rule, gpus=True):
         "slurm_account": cluster["account"],
         "constraint": cluster["constraint"],
     }
+    if rule == "finetune" and config["finetune"]["device"] == "cuda":
+        optional["gpu"] = 1
     if rule == "infer" and gpus:
         if any(settings_of(b)["gpus"] for b in config["backends"]):
             optional["gpu"] = lambda wildcards: settings_of(wildcards.backend)["gpus"]
@@ -185,7 +236,8 @@ def cluster_resources(rule, gpus=True):
 
 def final_targets():
     run = run_dir()
-    return [
+    trained = [FINETUNE + "/training.json", FINETUNE + "/training.png"]
+    return trained * finetuning() + [
         f"{run}/catalogue.parquet",
         f"{run}/partition_metrics.tsv",
         f"{run}/summary.json",

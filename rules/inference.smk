@@ -8,6 +8,7 @@ rule infer:
     input:
         PARTITIONS,
         after=after_previous_run,
+        model=model_input(),
     output:
         predictions=RUN + "/jobs/job-{job}.parquet",
         metrics=RUN + "/jobs/job-{job}.json",
@@ -28,7 +29,7 @@ rule infer:
         physical=lambda wildcards: plan_of(wildcards).physical,
         kind=lambda wildcards: settings_of(wildcards.backend)["kind"],
         device=lambda wildcards: settings_of(wildcards.backend)["device"],
-        model=config["model"],
+        model=model_settings(),
         verify_checksum=config["inference"]["verify_checksum"],
         precision=config["inference"]["precision"],
     script:

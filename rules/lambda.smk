@@ -15,13 +15,14 @@ localrules:
 rule stage:
     input:
         PARTITIONS,
+        model=model_input(),
     output:
         LAMBDA + "/staged/{size}MB.json",
     log:
         "results/logs/lambda/stage-{size}MB.log",
     params:
         aws=config["aws"],
-        model=config["model"],
+        model=model_settings(),
     script:
         "../scripts/stage.py"
 
@@ -60,7 +61,7 @@ rule dispatch:
     params:
         jobs=get_plan_jobs,
         logical=lambda wildcards: plan_of(wildcards).logical,
-        model=config["model"],
+        model=model_settings(),
         failed_records=LOGS + "/dispatch-failed-invocations.tsv",
         precision=config["inference"]["precision"],
     script:

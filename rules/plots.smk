@@ -2,6 +2,7 @@ rule plot_redshift:
     input:
         catalogue=RUN + "/catalogue.parquet",
         summary=RUN + "/summary.json",
+        split=evaluation_inputs().get("split", []),
     output:
         report(
             RUN + "/plots/redshift_density.png",

@@ -5,6 +5,7 @@
 rule precision_gate:
     input:
         PARTITIONS,
+        model=model_input(),
     output:
         report(
             "results/precision/{size}MB-b{batch}/precision_gate.tsv",
@@ -19,6 +20,6 @@ rule precision_gate:
         **cluster_resources("infer", gpus=False),
     params:
         gate=config["precision_gate"],
-        model=config["model"],
+        model=model_settings(),
     script:
         "../scripts/precision_gate.py"

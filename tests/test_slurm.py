@@ -26,6 +26,7 @@ TINY = {
     "data": {"synthetic": {"n_galaxies": 60, "seed": 7}},
     "partition": {"size_mb": 0.5},  # 25 galaxies a partition: 25, 25, 10
     "inference": {"threads": 1},
+    "finetune": {"train": False},  # 60 galaxies are too few to fine-tune on
 }
 JOB_IDS = ["00000", "00001", "00002"]
 
@@ -211,6 +212,7 @@ def test_job_killed_at_its_time_limit_is_reported_as_timeout(slurm, tmp_path):
         "partition": {"size_mb": 200},
         "inference": {"threads": 1},
         "cluster": {"retries": 0, "runtime": {"infer": 1}},
+        "finetune": {"train": False},
     }
     check(run(tmp_path, "--until", "partition", profile=False, settings=settings))
     since = time.strftime("%Y-%m-%dT%H:%M:%S")

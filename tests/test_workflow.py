@@ -25,6 +25,8 @@ SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 TINY = {
     "data": {"synthetic": {"n_galaxies": 60, "seed": 7}},
     "partition": {"size_mb": 0.5},  # 25 galaxies a partition: 25, 25, 10
+    # 60 galaxies are too few to fine-tune on (tests/test_finetune.py trains).
+    "finetune": {"train": False},
 }
 RUN = Path("results/local/dataset/0.5MB-b512/r1")
 JOB_IDS = ["00000", "00001", "00002"]
@@ -225,6 +227,9 @@ def test_killed_run_resumes_with_only_the_unfinished_partitions(tmp_path):
         ({"inference": {"batch_size": 0}}, "batch_size"),
         ({"model": {"num_heads": 5}}, "num_heads"),
         ({"partition": {"size_mb": 0.001}}, "size_mb"),
+        # 60 galaxies leave 6 for validation: fine-tuning needs 100 of them.
+        ({"finetune": {"train": "auto"}}, "at least 1,000 labelled galaxies"),
+        ({"finetune": {"split": {"train": 0.8}}}, "sum to 1.1"),
     ],
 )
 def test_bad_config_is_refused_before_anything_runs(tmp_path, override, expected):
@@ -239,3 +244,72 @@ def test_copy_of_repo_config_is_the_default(tmp_path):
     shutil.copy(REPO / "config/config.yaml", tmp_path / "c.yaml")
     result = check(snakemake(tmp_path, "--dry-run"))
     assert "simulate" in result.stdout
+
+
+# The default run's fine-tuning in miniature: 1,000 galaxies (700 train, 100
+# validation, 200 test), a one-block encoder, two epochs.
+FINETUNE = {
+    "data": {"synthetic": {"n_galaxies": 1000, "seed": 7}},
+    "partition": {"size_mb": 5},  # 255 galaxies a partition
+    "model": {"depth": 1},
+    "finetune": {"train": "auto", "max_epochs": 2},
+    "precision_gate": {"max_galaxies": 64},
+}
+FINETUNE_RUN = Path("results/local/dataset/5MB-b512/r1")
+
+
+@pytest.fixture(scope="module")
+def finetuned_run(tmp_path_factory):
+    """The tiny workflow with fine-tuning, and its report."""
+    workdir = tmp_path_factory.mktemp("finetuned")
+    check(snakemake(workdir, config=FINETUNE))
+    check(snakemake(workdir, "--report", "results/report.html", config=FINETUNE))
+    return workdir
+
+
+def test_default_dag_fine_tunes_before_predicting(finetuned_run):
+    dry = check(snakemake(finetuned_run, "--dry-run", "--forceall", config=FINETUNE))
+    for rule in ("split", "finetune", "baseline_knn", "plot_training"):
+        assert re.search(rf"^{rule}\s+1$", dry.stdout, re.MULTILINE), rule
+    record = json.loads((finetuned_run / "results/finetune/training.json").read_text())
+    assert record["data"]["synthetic"] and record["epochs_run"] == 2
+    weights = record["weights"]
+    assert weights.startswith("astromae-finetuned.safetensors: head fine-tuned on 700")
+    assert "synthetic galaxies" in weights
+    summary = json.loads((finetuned_run / FINETUNE_RUN / "summary.json").read_text())
+    assert summary["weights"] == weights
+    gate = pd.read_csv(
+        finetuned_run / "results/precision/5MB-b512/precision_gate.tsv", sep="\t"
+    )
+    assert (gate["weights"] == weights).all()
+
+
+def test_accuracy_is_of_the_test_split_beside_the_knn_baseline(finetuned_run):
+    accuracy = pd.read_csv(finetuned_run / FINETUNE_RUN / "accuracy.tsv", sep="\t")
+    values = accuracy.set_index("metric")
+    assert values.loc["n", "value"] == 200 and values.loc["n", "knn_baseline"] == 200
+    assert accuracy["evaluated_on"].iloc[0] == (
+        "test split: 200 of 1,000 labelled galaxies, never trained on"
+    )
+    assert (
+        accuracy["baseline"].iloc[0].startswith("k nearest neighbours on the colours")
+    )
+    assert "fine-tuned on 700 synthetic galaxies" in accuracy["weights"].iloc[0]
+    # The catalogue still holds every galaxy: inference predicted all of them.
+    catalogue = pq.read_table(finetuned_run / FINETUNE_RUN / "catalogue.parquet")
+    assert catalogue.num_rows == 1000
+    report = (finetuned_run / "results/report.html").read_text()
+    assert "training.png" in report
+    png = (finetuned_run / "results/finetune/training.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_given_checkpoint_is_used_as_it_is(finetuned_run, tmp_path):
+    shutil.copy(
+        finetuned_run / "results/finetune/astromae-finetuned.safetensors",
+        tmp_path / "mine.safetensors",
+    )
+    config = {**FINETUNE, "model": {"depth": 1, "checkpoint": "mine.safetensors"}}
+    dry = check(snakemake(tmp_path, "--dry-run", config=config))
+    assert "finetune" not in dry.stdout and "split" not in dry.stdout
+    assert re.search(r"^infer_local\s+4$", dry.stdout, re.MULTILINE)

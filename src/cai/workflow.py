@@ -86,6 +86,25 @@ def partition_total(config: dict[str, Any]) -> int:
     return partition_count(dataset_rows(config), size_mb)
 
 
+def check_finetune_plan(config: dict[str, Any], training: bool) -> None:
+    """Check the fine-tuning settings before anything runs: the split fractions
+    always, and, when the DAG trains (``training``), that the configured data set
+    leaves enough galaxies in each split."""
+    from cai.split import check_fractions, check_split_sizes, split_counts
+
+    settings = config["finetune"]
+    fractions = check_fractions(settings["split"])
+    if not training:
+        return
+    counts = split_counts(dataset_rows(config), fractions)
+    try:
+        check_split_sizes(counts, fractions, settings["min_validation"])
+    except ConfigError as err:
+        raise ConfigError(
+            f"finetune (a data set of {sum(counts.values()):,} galaxies): {err}"
+        ) from None
+
+
 BACKEND_KINDS = ("local", "slurm", "lambda")
 # Keys of inference (and cluster.gpus) that a backend entry may override.
 BACKEND_OVERRIDES = ("device", "threads", "partitions_per_job", "max_jobs", "gpus")
