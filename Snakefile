@@ -10,6 +10,7 @@ import os
 import yaml
 from snakemake.utils import min_version, validate
 
+from cai.metrics import accuracy_summary
 from cai.workflow import coerce_cli_values
 
 min_version("9.0")
@@ -48,3 +49,9 @@ rule all:
     default_target: True
     input:
         final_targets(),
+
+
+# The configured run's accuracy on the terminal, once it has been measured.
+onsuccess:
+    if os.path.exists(f"{run_dir()}/accuracy.tsv"):
+        print(accuracy_summary(f"{run_dir()}/accuracy.tsv"))

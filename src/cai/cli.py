@@ -29,7 +29,7 @@ def _positive_int(text: str) -> int:
 # import torch for every `cai --help`) and help.
 FINETUNE_OPTIONS = {
     "max_epochs": (20, "most passes over the training split"),
-    "patience": (6, "epochs without a better validation NMAD before stopping"),
+    "patience": (10, "epochs without a better validation NMAD before stopping"),
     "batch_size": (64, "galaxies per optimiser step"),
     "learning_rate": (1e-3, "peak learning rate of AdamW"),
     "weight_decay": (0.05, "AdamW weight decay of matrices and kernels"),

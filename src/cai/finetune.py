@@ -109,7 +109,7 @@ class FinetuneSettings:
 
     seed: int = 0
     max_epochs: int = 20
-    patience: int = 6
+    patience: int = 10
     batch_size: int = 64
     learning_rate: float = 1e-3
     weight_decay: float = 0.05

@@ -178,3 +178,24 @@ def write_accuracy_table(
         out,
     )
     return table
+
+
+def accuracy_summary(path: str | os.PathLike) -> str:
+    """Two lines on an accuracy table for the terminal: what was measured on which
+    galaxies, and the main figures beside the baseline's when there is one."""
+    import pandas as pd
+
+    table = pd.read_csv(path, sep="\t").set_index("metric")
+    values = table["value"]
+    line = (
+        f"NMAD {values['nmad']:.4f}, outliers {100 * values['outlier_fraction']:.1f}%, "
+        f"bias {values['bias']:+.4f}, R^2 {values['r2']:.3f}"
+    )
+    if "knn_baseline" in table:
+        knn = table["knn_baseline"]
+        line += (
+            f" (kNN colours baseline: NMAD {knn['nmad']:.4f}, outliers "
+            f"{100 * knn['outlier_fraction']:.1f}%)"
+        )
+    where = table["evaluated_on"].iloc[0] if "evaluated_on" in table else ""
+    return f"accuracy of {table['weights'].iloc[0]} on the {where} ({path}):\n  {line}"

@@ -132,7 +132,7 @@ def plot_training(record_path: str | os.PathLike, out: str | os.PathLike) -> Non
     record = read_record(record_path)
     history = pd.DataFrame(record["history"])
     trained = history[history["epoch"] >= 1]
-    fig = Figure(figsize=(9, 3.8))
+    fig = Figure(figsize=(10, 4), layout="constrained")
     loss_ax, nmad_ax = fig.subplots(1, 2)
     loss_ax.plot(trained["epoch"], trained["train_loss"], "o-", ms=3, label="train")
     loss_ax.plot(
