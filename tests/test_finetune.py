@@ -9,9 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import small_batch
 from test_split import write_galaxies
 
 from cai.engine import InferenceSettings, run_inference
@@ -25,6 +27,7 @@ from cai.finetune import (
     finetune,
     read_record,
 )
+from cai.formats import GalaxyWriter
 from cai.metrics import redshift_metrics
 from cai.model import AstroMAE, ModelConfig, create_model
 from cai.partition import PartitionRef, partition_dataset, read_manifest
@@ -176,6 +179,27 @@ def test_finetune_refuses_unlabelled_galaxies(tmp_path):
             TINY_MODEL,
         )
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_finetune_refuses_a_galaxy_with_a_non_finite_image(tmp_path):
+    data = tmp_path / "g.h5"
+    batch = small_batch(N_GALAXIES, 5, 1)
+    batch.image[7, 2, 10, 10] = np.nan
+    with GalaxyWriter(data, N_GALAXIES, {"generator": "cai.sky.simulate"}) as writer:
+        writer.append(batch)
+    write_split([data], tmp_path / "split.parquet", 0, min_validation=50)
+    with pytest.raises(DataFormatError, match=rf"{data}: row 7 \(object_id 8\)"):
+        finetune(
+            [data],
+            tmp_path / "split.parquet",
+            tmp_path / "m.safetensors",
+            tmp_path / "m.json",
+            TINY,
+            TINY_MODEL,
+            work_dir=tmp_path / "work",
+        )
+    assert not (tmp_path / "m.safetensors").exists()
+    assert not (tmp_path / "m.json").exists()
 
 
 def finetune_command(folder: Path, epochs: int) -> list[str]:

@@ -94,6 +94,30 @@ def test_unlabelled_galaxies_are_refused_with_their_count(tmp_path):
     assert not (tmp_path / "split.parquet").exists()
 
 
+def test_an_infinite_redshift_is_refused_as_bad_data(tmp_path):
+    path = write_galaxies(tmp_path / "g.h5", 40)
+    with GalaxyWriter(path, 40, {"generator": "test"}) as writer:
+        batch = small_batch(40, 5, 1)
+        batch.redshift[12] = np.inf
+        writer.append(batch)
+    with pytest.raises(DataFormatError) as err:
+        write_split([path], tmp_path / "split.parquet", 0, min_validation=1)
+    assert f"{path}: 1 galaxies have an infinite redshift" in str(err.value)
+    assert "row 12, object_id 13" in str(err.value)
+
+
+def test_repeated_object_ids_across_files_are_named_with_their_files(tmp_path):
+    a = write_galaxies(tmp_path / "a.h5", 40)
+    b = write_galaxies(tmp_path / "b.h5", 40, first_object_id=30)
+    c = write_galaxies(tmp_path / "c.h5", 40, first_object_id=500)
+    with pytest.raises(DataFormatError) as err:
+        write_split([a, b, c], tmp_path / "split.parquet", 0, min_validation=1)
+    message = str(err.value)
+    assert "11 object_ids occur more than once (e.g. 30, 31" in message
+    assert f"in {a}, {b});" in message and str(c) not in message
+    assert not (tmp_path / "split.parquet").exists()
+
+
 def test_split_table_round_trips(tmp_path):
     files = [
         write_galaxies(tmp_path / "a.h5", 600),

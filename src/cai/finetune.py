@@ -52,10 +52,11 @@ import torch
 from torch import nn
 
 from cai import __version__
+from cai import model as model_module
 from cai.atomic import atomic_path, sha256_file, write_json
 from cai.engine import usable_threads
 from cai.errors import ConfigError, DataFormatError
-from cai.formats import IMAGE_SHAPE, GalaxyFile
+from cai.formats import IMAGE_SHAPE, GalaxyFile, check_finite
 from cai.metrics import redshift_metrics
 from cai.model import EMBED_DIM, AstroMAE, ModelConfig, create_model, save_checkpoint
 from cai.split import SPLITS, Labels, Split, check_split_sizes, read_labels, read_split
@@ -333,6 +334,7 @@ def _stage_inputs(
         for path, file_codes in zip(files, codes, strict=True):
             with GalaxyFile(path) as galaxies:
                 for start, batch in galaxies.iter_batches(COPY_BLOCK_ROWS):
+                    check_finite(batch, str(path), first_row=start)
                     block = file_codes[start : start + len(batch)]
                     keep = block != SPLITS.index("test")
                     stop = filled + int(keep.sum())
@@ -670,8 +672,15 @@ def _load_state(path: Path, key: str) -> dict[str, Any] | None:
 def _encoder_identity(
     checkpoint: str | os.PathLike | None, seed: int, config: ModelConfig
 ) -> dict[str, Any]:
-    """What the frozen encoder is, for the caches' keys and the record."""
-    shape = {"depth": config.depth, "num_heads": config.num_heads}
+    """What the frozen encoder is, for the caches' keys and the record: its weights
+    (checkpoint or seed) and shape, and the code that computes it (cai's version and
+    the model module's sha256), so a changed model never reuses stale features."""
+    shape = {
+        "depth": config.depth,
+        "num_heads": config.num_heads,
+        "cai": __version__,
+        "model_code": sha256_file(model_module.__file__),
+    }
     if checkpoint is None:
         return {"source": "seeded", "seed": seed, "torch": torch.__version__, **shape}
     return {
@@ -1049,12 +1058,13 @@ def finetune(
         },
         "history": history,
     }
+    # The record first, the checkpoint last: a checkpoint in place has its record.
+    write_json(record_path, record)
     save_checkpoint(
         model.to("cpu").to(memory_format=torch.contiguous_format),
         out,
         {"weights": weights, "finetune": json.dumps(record["data"]["split"])},
     )
-    write_json(record_path, record)
     # The per-epoch state and the copied inputs have served; the encoder cache stays
     # for a later fine-tuning of the same galaxies with other settings.
     state_path.unlink(missing_ok=True)

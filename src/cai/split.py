@@ -110,6 +110,36 @@ def check_split_sizes(
             )
 
 
+def check_unique_ids(
+    object_id: np.ndarray, files: Sequence[Mapping[str, Any]] | None = None
+) -> None:
+    """Refuse object_ids that occur more than once (a galaxy could land in two splits,
+    and the test figures would include galaxies trained on).
+
+    Args:
+        object_id: The ids of every galaxy, file after file.
+        files: ``{"path", "rows"}`` of each file in that order, to name where the
+            first repeated ids are.
+
+    Raises:
+        DataFormatError: naming the count, the first repeated ids and their files.
+    """
+    ids = np.asarray(object_id, dtype=np.int64)
+    unique, counts = np.unique(ids, return_counts=True)
+    if len(unique) == len(ids):
+        return
+    repeated = unique[counts > 1]
+    examples = ", ".join(map(str, repeated[:5]))
+    if files:
+        file_of_row = np.repeat(np.arange(len(files)), [f["rows"] for f in files])
+        holders = np.unique(file_of_row[np.isin(ids, repeated[:5])])
+        examples += " in " + ", ".join(str(files[i]["path"]) for i in holders)
+    raise DataFormatError(
+        f"{len(repeated):,} object_ids occur more than once (e.g. {examples}); each "
+        "labelled galaxy must appear once, or it could be trained on and tested on"
+    )
+
+
 def assign_splits(
     object_id: np.ndarray, seed: int, fractions: Mapping[str, float]
 ) -> np.ndarray:
@@ -120,14 +150,7 @@ def assign_splits(
             splits, and the test figures would include galaxies trained on).
     """
     ids = np.asarray(object_id, dtype=np.int64)
-    unique, counts = np.unique(ids, return_counts=True)
-    if len(unique) != len(ids):
-        repeated = unique[counts > 1]
-        raise DataFormatError(
-            f"{len(repeated):,} object_ids occur more than once (e.g. "
-            f"{', '.join(map(str, repeated[:5]))}); each labelled galaxy must appear "
-            "once, or it could be trained on and tested on"
-        )
+    check_unique_ids(ids)
     salt = _mix64(np.array([seed], dtype=np.int64).view(np.uint64))
     rank = np.argsort(_mix64(ids.view(np.uint64) ^ salt), kind="stable")
     sizes = split_counts(len(ids), fractions)
@@ -176,6 +199,14 @@ def read_labels(paths: Sequence[str | os.PathLike]) -> Labels:
             generator = str(galaxies.provenance.get("generator", ""))
             columns = galaxies.read_fields(["object_id", "redshift", "magnitudes"])
         file_ids, file_z, file_mags = columns.values()
+        infinite = np.flatnonzero(np.isinf(file_z))
+        if len(infinite):
+            row = int(infinite[0])
+            raise DataFormatError(
+                f"{path}: {len(infinite):,} galaxies have an infinite redshift (first: "
+                f"row {row}, object_id {int(file_ids[row])}); expected a finite "
+                "redshift, or NaN for an unlabelled galaxy"
+            )
         missing = int(np.isnan(file_z).sum())
         if missing:
             unlabelled[str(path)] = (missing, len(file_z))
@@ -216,6 +247,7 @@ def write_split(
     labels = read_labels(paths)
     counts = split_counts(len(labels.object_id), fractions)
     check_split_sizes(counts, fractions, min_validation)
+    check_unique_ids(labels.object_id, labels.files)
     codes = assign_splits(labels.object_id, seed, fractions)
     meta = {
         "seed": seed,
