@@ -170,15 +170,25 @@ def test_finetune_refuses_unlabelled_galaxies(tmp_path):
     labelled = write_galaxies(tmp_path / "l.h5", N_GALAXIES)
     write_split([labelled], tmp_path / "split.parquet", 0, min_validation=50)
     with pytest.raises(DataFormatError, match="3 galaxies have no redshift"):
+        refused_finetune(data, tmp_path)
+
+
+def refused_finetune(data: Path, folder: Path) -> None:
+    """Fine-tune on ``data`` with the split in ``folder``, which must raise and
+    leave neither a checkpoint nor a record."""
+    try:
         finetune(
             [data],
-            tmp_path / "split.parquet",
-            tmp_path / "m.safetensors",
-            tmp_path / "m.json",
+            folder / "split.parquet",
+            folder / "m.safetensors",
+            folder / "m.json",
             TINY,
             TINY_MODEL,
+            work_dir=folder / "work",
         )
-    assert not (tmp_path / "m.safetensors").exists()
+    finally:
+        assert not (folder / "m.safetensors").exists()
+        assert not (folder / "m.json").exists()
 
 
 def test_finetune_refuses_a_galaxy_with_a_non_finite_image(tmp_path):
@@ -189,17 +199,7 @@ def test_finetune_refuses_a_galaxy_with_a_non_finite_image(tmp_path):
         writer.append(batch)
     write_split([data], tmp_path / "split.parquet", 0, min_validation=50)
     with pytest.raises(DataFormatError, match=rf"{data}: row 7 \(object_id 8\)"):
-        finetune(
-            [data],
-            tmp_path / "split.parquet",
-            tmp_path / "m.safetensors",
-            tmp_path / "m.json",
-            TINY,
-            TINY_MODEL,
-            work_dir=tmp_path / "work",
-        )
-    assert not (tmp_path / "m.safetensors").exists()
-    assert not (tmp_path / "m.json").exists()
+        refused_finetune(data, tmp_path)
 
 
 def finetune_command(folder: Path, epochs: int) -> list[str]:
