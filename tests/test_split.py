@@ -218,3 +218,22 @@ def test_accuracy_refuses_a_catalogue_without_the_test_galaxies(labelled):
     with pytest.raises(DataFormatError, match="lacks 1 of the 300 test galaxies"):
         write_accuracy_table(path, folder / "x.tsv", "w", folder / "split.parquet")
     assert not (folder / "x.tsv").exists()
+
+
+def test_accuracy_of_fine_tuned_weights_without_a_split_says_what_it_counts(
+    labelled, caplog
+):
+    folder, _ = labelled
+    split = read_split(folder / "split.parquet")
+    z = np.full(len(split.object_id), 0.1)
+    path = catalogue(folder / "all.parquet", split.object_id, z, z)
+    table = write_accuracy_table(
+        path, folder / "all.tsv", "m.safetensors: head fine-tuned on 1,050 galaxies"
+    )
+    assert table["evaluated_on"].iloc[0] == (
+        "every galaxy of the catalogue (1,500), which may include galaxies the "
+        "weights were fine-tuned on"
+    )
+    assert "cai metrics --split" in caplog.text
+    untrained = write_accuracy_table(path, folder / "u.tsv", "untrained weights")
+    assert untrained["evaluated_on"].iloc[0] == "every galaxy of the catalogue (1,500)"

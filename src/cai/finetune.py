@@ -57,7 +57,7 @@ from cai.atomic import atomic_path, sha256_file, write_json
 from cai.engine import usable_threads
 from cai.errors import ConfigError, DataFormatError
 from cai.formats import IMAGE_SHAPE, GalaxyFile, check_finite
-from cai.metrics import redshift_metrics
+from cai.metrics import FINETUNED_MARK, redshift_metrics
 from cai.model import EMBED_DIM, AstroMAE, ModelConfig, create_model, save_checkpoint
 from cai.split import SPLITS, Labels, Split, check_split_sizes, read_labels, read_split
 
@@ -1005,7 +1005,7 @@ def finetune(
     model.eval().requires_grad_(False)
     source = "synthetic " if labels.synthetic else ""
     weights = (
-        f"{out.name}: head fine-tuned on {len(data.train):,} {source}galaxies "
+        f"{out.name}: {FINETUNED_MARK} {len(data.train):,} {source}galaxies "
         f"(epoch {best['epoch']}), frozen encoder "
         + (f"untrained (seed {model_seed})" if checkpoint is None else encoder)
     )

@@ -21,6 +21,9 @@ import numpy as np
 
 OUTLIER_DZ = 0.05  # |dz| above which a prediction is an outlier
 NMAD_SCALE = 1.48  # makes the MAD a standard deviation for a normal distribution
+# In the weights label of every fine-tuned checkpoint (cai.finetune): its accuracy
+# over a whole catalogue may count galaxies it was trained on.
+FINETUNED_MARK = "head fine-tuned on"
 
 DEFINITIONS = {
     "n": "galaxies with a known redshift",
@@ -160,6 +163,15 @@ def write_accuracy_table(
         baseline_note = (
             f" (kNN baseline: NMAD {yardstick['nmad']:.4f}, outliers "
             f"{100 * yardstick['outlier_fraction']:.2f}%)"
+        )
+    if split is None and FINETUNED_MARK in weights:
+        evaluated_on += ", which may include galaxies the weights were fine-tuned on"
+        logging.getLogger(__name__).warning(
+            "accuracy of fine-tuned weights (%s) over every galaxy of %s: any it was "
+            "trained or validated on flatter the figures; give the split it was "
+            "trained with (cai metrics --split) to count its test split only",
+            weights,
+            catalogue,
         )
     table["evaluated_on"] = evaluated_on
     with atomic_path(out) as tmp:
