@@ -237,3 +237,16 @@ def test_accuracy_of_fine_tuned_weights_without_a_split_says_what_it_counts(
     assert "cai metrics --split" in caplog.text
     untrained = write_accuracy_table(path, folder / "u.tsv", "untrained weights")
     assert untrained["evaluated_on"].iloc[0] == "every galaxy of the catalogue (1,500)"
+
+
+def test_knn_baseline_tries_only_the_k_it_has_galaxies_for(tmp_path):
+    data = write_galaxies(tmp_path / "g.h5", 30)
+    write_split([data], tmp_path / "split.parquet", 0, min_validation=1)
+    meta = knn_baseline([data], tmp_path / "split.parquet", tmp_path / "knn.parquet")
+    assert meta["train"] == 21 and sorted(meta["validation_nmad"]) == ["16", "4", "8"]
+    few = write_galaxies(tmp_path / "few.h5", 6)
+    fractions = {"train": 0.4, "validation": 0.2, "test": 0.4}  # 2, 1, 3
+    write_split([few], tmp_path / "few.parquet", 0, fractions, min_validation=1)
+    with pytest.raises(DataFormatError, match="the kNN baseline needs at least 4"):
+        knn_baseline([few], tmp_path / "few.parquet", tmp_path / "few-knn.parquet")
+    assert not (tmp_path / "few-knn.parquet").exists()

@@ -47,9 +47,12 @@ def nearest_mean(
     query_x: np.ndarray,
     ks: Sequence[int],
 ) -> dict[int, np.ndarray]:
-    """For each k of ``ks``, the mean ``train_z`` of each query's k nearest training
-    points (Euclidean), computed in blocks of queries so memory stays bounded."""
-    k_max = min(max(ks), len(train_x))
+    """For each k of ``ks`` (at most the number of training points), the mean
+    ``train_z`` of each query's k nearest training points (Euclidean), computed in
+    blocks of queries so memory stays bounded."""
+    k_max = max(ks)
+    if k_max > len(train_x):
+        raise ValueError(f"k = {k_max} neighbours of {len(train_x)} training points")
     reference = torch.from_numpy(np.ascontiguousarray(train_x))
     values = torch.from_numpy(np.asarray(train_z, dtype=np.float64))
     block = max(1, DISTANCE_BUDGET // max(1, len(train_x)))
@@ -87,6 +90,14 @@ def knn_baseline(
     z = labels.redshift.astype(np.float64)
 
     validation = codes == SPLITS.index("validation")
+    # Every k tried must have k training galaxies to average.
+    ks = [k for k in ks if k <= train.sum()]
+    if not ks or not validation.any():
+        raise DataFormatError(
+            f"{split_path}: {int(train.sum()):,} train and {int(validation.sum()):,} "
+            f"validation galaxies; the kNN baseline needs at least {min(K_CHOICES)} "
+            "train galaxies and a validation split to choose k on"
+        )
     scores = {
         k: redshift_metrics(pred, z[validation])["nmad"]
         for k, pred in nearest_mean(
