@@ -951,6 +951,9 @@ def _fit_backend(
             "peak_rss_mb": rows.get("peak_rss_mb", math.nan),
         }
     )
+    # Each measured partition size's typical run: the median over its runs, so that
+    # one cold run (the first process to read torch from disk took twice the others'
+    # overhead in a CI experiment) does not set the overhead predicted for all.
     table = (
         frame.groupby("partition_mb", sort=True)
         .agg(
@@ -958,9 +961,9 @@ def _fit_backend(
             galaxies_per_partition=("galaxies_per_partition", "mean"),
             threads=("threads", "median"),
             memory_mb=("memory_mb", "median"),
-            partition_s=("partition_s", "mean"),
-            variable_cpu_s=("variable_cpu_s", "mean"),
-            overhead_s=("overhead_s", "mean"),
+            partition_s=("partition_s", "median"),
+            variable_cpu_s=("variable_cpu_s", "median"),
+            overhead_s=("overhead_s", "median"),
             peak_rss_mb=("peak_rss_mb", "max"),
         )
         .reset_index()
