@@ -76,9 +76,13 @@ def test_small_validation_split_is_refused_with_the_number_needed():
     check_split_sizes(split_counts(1000, PAPER_FRACTIONS), PAPER_FRACTIONS, 100)
 
 
-def write_galaxies(path, n, seed=5, first_object_id=1, unlabelled=0):
+def write_galaxies(path, n, seed=5, first_object_id=1, unlabelled=0, edit=None):
+    """A galaxy file of ``n`` small galaxies, the first ``unlabelled`` without a
+    redshift; ``edit(batch)`` may spoil them further before they are written."""
     batch = small_batch(n, seed, first_object_id)
     batch.redshift[:unlabelled] = np.nan
+    if edit is not None:
+        edit(batch)
     with GalaxyWriter(path, n, {"generator": "cai.sky.simulate"}) as writer:
         writer.append(batch)
     return path
@@ -95,11 +99,10 @@ def test_unlabelled_galaxies_are_refused_with_their_count(tmp_path):
 
 
 def test_an_infinite_redshift_is_refused_as_bad_data(tmp_path):
-    path = write_galaxies(tmp_path / "g.h5", 40)
-    with GalaxyWriter(path, 40, {"generator": "test"}) as writer:
-        batch = small_batch(40, 5, 1)
+    def infinite(batch):
         batch.redshift[12] = np.inf
-        writer.append(batch)
+
+    path = write_galaxies(tmp_path / "g.h5", 40, edit=infinite)
     with pytest.raises(DataFormatError) as err:
         write_split([path], tmp_path / "split.parquet", 0, min_validation=1)
     assert f"{path}: 1 galaxies have an infinite redshift" in str(err.value)
