@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import small_batch
 from test_split import write_galaxies
 
 from cai.engine import InferenceSettings, run_inference
@@ -26,6 +27,7 @@ from cai.finetune import (
     finetune,
     read_record,
 )
+from cai.formats import GalaxyWriter
 from cai.metrics import redshift_metrics
 from cai.model import AstroMAE, ModelConfig, create_model
 from cai.partition import PartitionRef, partition_dataset, read_manifest
@@ -190,10 +192,11 @@ def refused_finetune(data: Path, folder: Path) -> None:
 
 
 def test_finetune_refuses_a_galaxy_with_a_non_finite_image(tmp_path):
-    def spoil(batch):
-        batch.image[7, 2, 10, 10] = np.nan
-
-    data = write_galaxies(tmp_path / "g.h5", N_GALAXIES, edit=spoil)
+    data = tmp_path / "g.h5"
+    batch = small_batch(N_GALAXIES, 5, 1)
+    batch.image[7, 2, 10, 10] = np.nan
+    with GalaxyWriter(data, N_GALAXIES, {"generator": "cai.sky.simulate"}) as writer:
+        writer.append(batch)
     write_split([data], tmp_path / "split.parquet", 0, min_validation=50)
     with pytest.raises(DataFormatError, match=rf"{data}: row 7 \(object_id 8\)"):
         refused_finetune(data, tmp_path)

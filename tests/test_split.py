@@ -76,13 +76,9 @@ def test_small_validation_split_is_refused_with_the_number_needed():
     check_split_sizes(split_counts(1000, PAPER_FRACTIONS), PAPER_FRACTIONS, 100)
 
 
-def write_galaxies(path, n, seed=5, first_object_id=1, unlabelled=0, edit=None):
-    """A galaxy file of ``n`` small galaxies, the first ``unlabelled`` without a
-    redshift; ``edit(batch)`` may spoil them further before they are written."""
+def write_galaxies(path, n, seed=5, first_object_id=1, unlabelled=0):
     batch = small_batch(n, seed, first_object_id)
     batch.redshift[:unlabelled] = np.nan
-    if edit is not None:
-        edit(batch)
     with GalaxyWriter(path, n, {"generator": "cai.sky.simulate"}) as writer:
         writer.append(batch)
     return path
@@ -99,10 +95,11 @@ def test_unlabelled_galaxies_are_refused_with_their_count(tmp_path):
 
 
 def test_an_infinite_redshift_is_refused_as_bad_data(tmp_path):
-    def infinite(batch):
+    path = write_galaxies(tmp_path / "g.h5", 40)
+    with GalaxyWriter(path, 40, {"generator": "test"}) as writer:
+        batch = small_batch(40, 5, 1)
         batch.redshift[12] = np.inf
-
-    path = write_galaxies(tmp_path / "g.h5", 40, edit=infinite)
+        writer.append(batch)
     with pytest.raises(DataFormatError) as err:
         write_split([path], tmp_path / "split.parquet", 0, min_validation=1)
     assert f"{path}: 1 galaxies have an infinite redshift" in str(err.value)

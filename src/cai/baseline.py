@@ -91,11 +91,10 @@ def knn_baseline(
 
     validation = codes == SPLITS.index("validation")
     # Every k tried must have k training galaxies to average.
-    n_train = int(train.sum())
-    ks = [k for k in ks if k <= n_train]
+    ks = [k for k in ks if k <= train.sum()]
     if not ks or not validation.any():
         raise DataFormatError(
-            f"{split_path}: {n_train:,} train and {int(validation.sum()):,} "
+            f"{split_path}: {int(train.sum()):,} train and {int(validation.sum()):,} "
             f"validation galaxies; the kNN baseline needs at least {min(K_CHOICES)} "
             "train galaxies and a validation split to choose k on"
         )
@@ -112,7 +111,7 @@ def knn_baseline(
         "description": f"{DESCRIPTION} (k = {best_k}, chosen on the validation split)",
         "k": best_k,
         "validation_nmad": {str(k): v for k, v in scores.items()},
-        "train": n_train,
+        "train": int(train.sum()),
         "test": int(test.sum()),
         "seconds": time.perf_counter() - tick,
     }

@@ -110,20 +110,21 @@ def check_split_sizes(
             )
 
 
-def _check_unique_ids(
-    ids: np.ndarray, files: Sequence[Mapping[str, Any]] | None = None
+def check_unique_ids(
+    object_id: np.ndarray, files: Sequence[Mapping[str, Any]] | None = None
 ) -> None:
     """Refuse object_ids that occur more than once (a galaxy could land in two splits,
     and the test figures would include galaxies trained on).
 
     Args:
-        ids: The int64 ids of every galaxy, file after file.
+        object_id: The ids of every galaxy, file after file.
         files: ``{"path", "rows"}`` of each file in that order, to name where the
             first repeated ids are.
 
     Raises:
         DataFormatError: naming the count, the first repeated ids and their files.
     """
+    ids = np.asarray(object_id, dtype=np.int64)
     unique, counts = np.unique(ids, return_counts=True)
     if len(unique) == len(ids):
         return
@@ -140,22 +141,16 @@ def _check_unique_ids(
 
 
 def assign_splits(
-    object_id: np.ndarray,
-    seed: int,
-    fractions: Mapping[str, float],
-    files: Sequence[Mapping[str, Any]] | None = None,
+    object_id: np.ndarray, seed: int, fractions: Mapping[str, float]
 ) -> np.ndarray:
     """Index into SPLITS (int8) of each galaxy, from a seeded hash of its object_id.
-
-    ``files`` (``{"path", "rows"}`` of the files the ids come from, in order) lets an
-    error name the files that hold a repeated id.
 
     Raises:
         DataFormatError: if an object_id occurs twice (the galaxy could land in two
             splits, and the test figures would include galaxies trained on).
     """
     ids = np.asarray(object_id, dtype=np.int64)
-    _check_unique_ids(ids, files)
+    check_unique_ids(ids)
     salt = _mix64(np.array([seed], dtype=np.int64).view(np.uint64))
     rank = np.argsort(_mix64(ids.view(np.uint64) ^ salt), kind="stable")
     sizes = split_counts(len(ids), fractions)
@@ -252,7 +247,8 @@ def write_split(
     labels = read_labels(paths)
     counts = split_counts(len(labels.object_id), fractions)
     check_split_sizes(counts, fractions, min_validation)
-    codes = assign_splits(labels.object_id, seed, fractions, labels.files)
+    check_unique_ids(labels.object_id, labels.files)
+    codes = assign_splits(labels.object_id, seed, fractions)
     meta = {
         "seed": seed,
         "fractions": fractions,
